@@ -1,0 +1,193 @@
+//! Engine throughput: prefill tokens/s, and decode tokens/s at several batch sizes, measured
+//! by driving the synchronous engine directly, next to the batch-1 bound that reading every
+//! weight once per step at the machine's measured memory bandwidth allows.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use engine::backend::cpu::{kernels, CpuBackend};
+use engine::core::{GenerateRequest, LlmEngine};
+use engine::model::{build_engine, EngineOptions, ModelExecutor};
+use serde::Serialize;
+
+#[derive(Clone, Debug)]
+pub struct EngineBenchOptions {
+    pub model: PathBuf,
+    pub batch_sizes: Vec<usize>,
+    pub prompt_len: usize,
+    pub decode_tokens: usize,
+    pub prefill_prompts: usize,
+    pub prefill_len: usize,
+    pub threads: Option<usize>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeRow {
+    pub batch: usize,
+    pub tokens_per_s: f64,
+    pub step_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EngineBenchReport {
+    pub model: String,
+    pub threads: usize,
+    pub weight_bytes: usize,
+    pub bytes_per_decode_step: usize,
+    pub memory_bandwidth_gbs: f64,
+    pub batch1_bound_tokens_per_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub prefill_len: usize,
+    pub decode: Vec<DecodeRow>,
+}
+
+type CpuEngine = LlmEngine<ModelExecutor<CpuBackend>>;
+
+fn load(opts: &EngineBenchOptions, kv_tokens: usize) -> Result<CpuEngine> {
+    let eopts = EngineOptions {
+        // Room for every sequence at once: this measures compute, not preemption.
+        num_blocks: Some(kv_tokens.div_ceil(16) + 64),
+        max_batched_tokens: 2048,
+        max_num_seqs: 1024,
+        enable_prefix_caching: false,
+        ..EngineOptions::default()
+    };
+    Ok(build_engine(&opts.model, CpuBackend::new(), &eopts, &mut |_, _| {})?)
+}
+
+fn request(seed: usize, len: usize, vocab: usize, max_tokens: usize) -> GenerateRequest {
+    let prompt = (0..len)
+        .map(|i| ((seed * 7919 + i * 104_729 + 13) % vocab) as u32)
+        .collect();
+    let mut r = GenerateRequest::greedy(prompt, max_tokens as u32);
+    r.ignore_eos = true;
+    r
+}
+
+pub fn run(opts: &EngineBenchOptions) -> Result<EngineBenchReport> {
+    if let Some(n) = opts.threads {
+        kernels::set_num_threads(n);
+    }
+    let max_batch = opts.batch_sizes.iter().copied().max().unwrap_or(1);
+    let kv_tokens = (max_batch * (opts.prompt_len + opts.decode_tokens + 1))
+        .max(opts.prefill_prompts * (opts.prefill_len + 2));
+    let mut eng = load(opts, kv_tokens)?;
+    let cfg = eng.executor().model().config().clone();
+    let vocab = cfg.vocab_size;
+    let weight_bytes = eng.executor().model().weight_bytes();
+    // A decode step reads every weight but the embedding table (one row of it at most);
+    // a tied table is read once as the output layer.
+    let embed_bytes = cfg.vocab_size * cfg.hidden_size * elem_bytes(weight_bytes, &cfg);
+    let bytes_per_step = if cfg.tie_word_embeddings {
+        weight_bytes
+    } else {
+        weight_bytes - embed_bytes
+    };
+    let bw = kernels::measure_read_bandwidth_gbs();
+    let bound = bw * 1e9 / bytes_per_step as f64;
+
+    // Warm up: page in the weights, touch the KV cache.
+    let mut id = 1;
+    eng.add_request(id, request(0, 64, vocab, 4));
+    id += 1;
+    while eng.has_work() {
+        eng.step();
+    }
+
+    // Prefill: distinct prompts, one output token each.
+    for i in 0..opts.prefill_prompts {
+        eng.add_request(id, request(i + 1000, opts.prefill_len, vocab, 1));
+        id += 1;
+    }
+    let t = Instant::now();
+    while eng.has_work() {
+        eng.step();
+    }
+    let prefill_tps = (opts.prefill_prompts * opts.prefill_len) as f64 / t.elapsed().as_secs_f64();
+
+    let mut decode = Vec::new();
+    for &b in &opts.batch_sizes {
+        for i in 0..b {
+            eng.add_request(id, request(i + 10 * b, opts.prompt_len, vocab, opts.decode_tokens + 1));
+            id += 1;
+        }
+        // Prefill every sequence first; time only steps that are pure decode.
+        let mut started = 0;
+        while started < b {
+            started += eng.step().len();
+        }
+        let mut tokens = 0usize;
+        let mut steps = 0usize;
+        let t = Instant::now();
+        while eng.has_work() {
+            tokens += eng.step().iter().filter(|(_, e)| e.token.is_some()).count();
+            steps += 1;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        decode.push(DecodeRow {
+            batch: b,
+            tokens_per_s: tokens as f64 / secs,
+            step_ms: secs * 1e3 / steps.max(1) as f64,
+        });
+    }
+
+    Ok(EngineBenchReport {
+        model: opts.model.display().to_string(),
+        threads: kernels::num_threads(),
+        weight_bytes,
+        bytes_per_decode_step: bytes_per_step,
+        memory_bandwidth_gbs: bw,
+        batch1_bound_tokens_per_s: bound,
+        prefill_tokens_per_s: prefill_tps,
+        prefill_len: opts.prefill_len,
+        decode,
+    })
+}
+
+/// Bytes per weight element, inferred from the checkpoint size and the parameter count.
+fn elem_bytes(weight_bytes: usize, cfg: &engine::model::ModelConfig) -> usize {
+    let params = param_count(cfg);
+    (weight_bytes as f64 / params as f64).round().max(1.0) as usize
+}
+
+fn param_count(c: &engine::model::ModelConfig) -> usize {
+    let (h, q, kv, i, v) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size, c.vocab_size);
+    let mut per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h;
+    if c.qkv_bias {
+        per_layer += q + 2 * kv;
+    }
+    if c.qk_norm {
+        per_layer += 2 * c.head_dim;
+    }
+    let head = if c.tie_word_embeddings { 0 } else { v * h };
+    c.num_layers * per_layer + v * h + head + h
+}
+
+pub fn print_table(r: &EngineBenchReport) {
+    println!("model: {}  threads: {}", r.model, r.threads);
+    println!(
+        "weights: {:.1} MB, read per decode step: {:.1} MB, memory bandwidth: {:.1} GB/s",
+        r.weight_bytes as f64 / 1e6,
+        r.bytes_per_decode_step as f64 / 1e6,
+        r.memory_bandwidth_gbs
+    );
+    println!();
+    println!("| measure | tokens/s | step ms | bound tokens/s |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| prefill ({}-token prompts) | {:.0} | | |",
+        r.prefill_len, r.prefill_tokens_per_s
+    );
+    for d in &r.decode {
+        let bound = if d.batch == 1 {
+            format!("{:.0}", r.batch1_bound_tokens_per_s)
+        } else {
+            String::new()
+        };
+        println!(
+            "| decode batch {} | {:.0} | {:.2} | {} |",
+            d.batch, d.tokens_per_s, d.step_ms, bound
+        );
+    }
+}

@@ -1,0 +1,567 @@
+//! The x86_64 fast path: AVX2 + FMA (+ F16C for f16 weights), selected at run time by
+//! [`super::Isa::detect`]. Every function here is `unsafe` because it must only run on a CPU
+//! with those features; callers also promise that the raw pointers cover the ranges the
+//! doc comments name.
+//!
+//! Two matmul kernels live here (the dispatch and threading are in `matmul.rs`):
+//! - `gemv_*` for a few activation rows, where the weights are streamed once from memory and
+//!   the kernel must keep up with DRAM: dot products along `k`, a tile of `R` weight rows ×
+//!   `M` activation rows, one horizontal sum per output at the end.
+//! - `gemm_*` for many activation rows, where FMA throughput is the limit: a BLIS-style
+//!   micro-kernel with a `MR × 8·NV` register tile of outputs. Weights are widened and
+//!   transposed once into a small panel (`pack_panel`) that stays in L1 and is reused by
+//!   every activation row; activations are broadcast straight from the row-major input.
+
+// Register tiles are indexed by (weight row, unroll step, activation row) at once; iterator
+// chains would hide which accumulator each FMA feeds.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::matrix::{bf16_to_f32, f16_to_f32};
+
+/// How a weight element type widens to f32, 8 lanes at a time.
+pub(super) trait Widen {
+    type Raw: Copy + Sync;
+    /// Loads 8 consecutive elements at `p` as f32.
+    unsafe fn load8(p: *const Self::Raw) -> __m256;
+    fn scalar(v: Self::Raw) -> f32;
+}
+
+pub(super) struct F32;
+pub(super) struct Bf16;
+pub(super) struct F16;
+
+impl Widen for F32 {
+    type Raw = f32;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    fn scalar(v: f32) -> f32 {
+        v
+    }
+}
+
+impl Widen for Bf16 {
+    type Raw = u16;
+    /// bf16 is the high half of an f32: zero-extend to 32 bits, shift left by 16.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const u16) -> __m256 {
+        let v = _mm_loadu_si128(p.cast());
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+    }
+    #[inline(always)]
+    fn scalar(v: u16) -> f32 {
+        bf16_to_f32(v)
+    }
+}
+
+impl Widen for F16 {
+    type Raw = u16;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+    #[inline(always)]
+    fn scalar(v: u16) -> f32 {
+        f16_to_f32(v)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+// ---------------------------------------------------------------------------------------
+// Vector helpers
+// ---------------------------------------------------------------------------------------
+
+/// Four independent accumulators hide the FMA latency.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (u, acc) in acc.iter_mut().enumerate() {
+            let o = i + 8 * u;
+            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i)),
+            _mm256_loadu_ps(pb.add(i)),
+            acc[0],
+        );
+        i += 8;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut sum = hsum(s);
+    while i < n {
+        sum += a[i] * b[i];
+        i += 1;
+    }
+    sum
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+    let va = _mm256_set1_ps(alpha);
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+        _mm256_storeu_ps(py.add(i), v);
+        i += 8;
+    }
+    while i < n {
+        y[i] = alpha.mul_add(x[i], y[i]);
+        i += 1;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn scale(alpha: f32, x: &mut [f32]) {
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let va = _mm256_set1_ps(alpha);
+    let mut i = 0;
+    while i + 8 <= n {
+        _mm256_storeu_ps(p.add(i), _mm256_mul_ps(va, _mm256_loadu_ps(p.add(i))));
+        i += 8;
+    }
+    while i < n {
+        x[i] *= alpha;
+        i += 1;
+    }
+}
+
+/// Sums a buffer with enough independent adds in flight that DRAM, not latency, limits it.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn read_sum(a: &[f32]) -> f32 {
+    let n = a.len();
+    let p = a.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (u, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_add_ps(*acc, _mm256_loadu_ps(p.add(i + 8 * u)));
+        }
+        i += 64;
+    }
+    let mut s = _mm256_setzero_ps();
+    for a in acc {
+        s = _mm256_add_ps(s, a);
+    }
+    hsum(s) + a[i..].iter().sum::<f32>()
+}
+
+// ---------------------------------------------------------------------------------------
+// GEMV: few activation rows, memory-bound
+// ---------------------------------------------------------------------------------------
+
+/// `out[i * ldo + r] = Σ_kk x[i * k + kk] · w[r * k + kk] (+ bias[r])` for `r < R`,
+/// `i < M`: `R` adjacent weight rows against `M` activation rows, with `U` accumulators per
+/// pair along `k` so that `R·U·M ≥ 6` dot products are in flight to cover the FMA latency.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_tile<W: Widen, const R: usize, const U: usize, const M: usize>(
+    w: *const W::Raw,
+    x: *const f32,
+    k: usize,
+    bias: *const f32,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let mut acc = [[[_mm256_setzero_ps(); M]; U]; R];
+    let step = 8 * U;
+    let kb = k - k % step;
+    let mut kk = 0;
+    while kk < kb {
+        for u in 0..U {
+            let mut wv = [_mm256_setzero_ps(); R];
+            for (r, wv) in wv.iter_mut().enumerate() {
+                *wv = W::load8(w.add(r * k + kk + 8 * u));
+            }
+            for i in 0..M {
+                let xv = _mm256_loadu_ps(x.add(i * k + kk + 8 * u));
+                for r in 0..R {
+                    acc[r][u][i] = _mm256_fmadd_ps(wv[r], xv, acc[r][u][i]);
+                }
+            }
+        }
+        kk += step;
+    }
+    while kk + 8 <= k {
+        for r in 0..R {
+            let wv = W::load8(w.add(r * k + kk));
+            for i in 0..M {
+                let xv = _mm256_loadu_ps(x.add(i * k + kk));
+                acc[r][0][i] = _mm256_fmadd_ps(wv, xv, acc[r][0][i]);
+            }
+        }
+        kk += 8;
+    }
+    for r in 0..R {
+        let b = if bias.is_null() { 0.0 } else { *bias.add(r) };
+        for i in 0..M {
+            let mut v = acc[r][0][i];
+            for u in 1..U {
+                v = _mm256_add_ps(v, acc[r][u][i]);
+            }
+            let mut s = hsum(v);
+            for t in kk..k {
+                s += W::scalar(*w.add(r * k + t)) * *x.add(i * k + t);
+            }
+            *out.add(i * ldo + r) = s + b;
+        }
+    }
+}
+
+/// How far ahead of the rows being multiplied `gemv_rows` prefetches.
+const GEMV_PREFETCH_BYTES: usize = 2048;
+
+/// Output columns `r0..r1` for all `m` activation rows.
+///
+/// Rows go in pairs, and for each pair the activation rows in groups of up to four, so a
+/// weight row comes from DRAM once and from L1 for every further group. Every weight row
+/// is software-prefetched `GEMV_PREFETCH_BYTES` ahead: the hardware prefetcher alone
+/// follows the interleaved per-row streams (each only 1–3 KB long) at about 80% of the
+/// bandwidth a plain sequential read gets.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemv_rows<W: Widen>(
+    w: *const W::Raw,
+    x: *const f32,
+    m: usize,
+    k: usize,
+    n: usize,
+    bias: *const f32,
+    out: *mut f32,
+    (r0, r1): (usize, usize),
+) {
+    let row_bytes = k * std::mem::size_of::<W::Raw>();
+    let ahead = GEMV_PREFETCH_BYTES.div_ceil(row_bytes.max(1)).max(2);
+    let mut r = r0;
+    while r < r1 {
+        let pair = r + 2 <= r1;
+        let rows = if pair { 2 } else { 1 };
+        if r + ahead + rows <= r1 {
+            prefetch_block::<W>(w.add((r + ahead) * k), k, rows, k);
+        }
+        let wr = w.add(r * k);
+        let br = if bias.is_null() { bias } else { bias.add(r) };
+        let mut i = 0;
+        while i < m {
+            let g = (m - i).min(4);
+            let (xi, oi) = (x.add(i * k), out.add(i * n + r));
+            match (pair, g) {
+                (true, 4) => gemv_tile::<W, 2, 1, 4>(wr, xi, k, br, oi, n),
+                (true, 3) => gemv_tile::<W, 2, 1, 3>(wr, xi, k, br, oi, n),
+                (true, 2) => gemv_tile::<W, 2, 2, 2>(wr, xi, k, br, oi, n),
+                (true, _) => {
+                    gemv_tile::<W, 1, 4, 1>(wr, xi, k, br, oi, n);
+                    let br1 = if br.is_null() { br } else { br.add(1) };
+                    gemv_tile::<W, 1, 4, 1>(wr.add(k), xi, k, br1, oi.add(1), n);
+                }
+                (false, 4) => gemv_tile::<W, 1, 2, 4>(wr, xi, k, br, oi, n),
+                (false, 3) => gemv_tile::<W, 1, 2, 3>(wr, xi, k, br, oi, n),
+                (false, 2) => gemv_tile::<W, 1, 4, 2>(wr, xi, k, br, oi, n),
+                (false, _) => gemv_tile::<W, 1, 4, 1>(wr, xi, k, br, oi, n),
+            }
+            i += g;
+        }
+        r += rows;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// GEMM: many activation rows, compute-bound
+// ---------------------------------------------------------------------------------------
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(s0, s4),
+        _mm256_permute2f128_ps::<0x20>(s1, s5),
+        _mm256_permute2f128_ps::<0x20>(s2, s6),
+        _mm256_permute2f128_ps::<0x20>(s3, s7),
+        _mm256_permute2f128_ps::<0x31>(s0, s4),
+        _mm256_permute2f128_ps::<0x31>(s1, s5),
+        _mm256_permute2f128_ps::<0x31>(s2, s6),
+        _mm256_permute2f128_ps::<0x31>(s3, s7),
+    ]
+}
+
+/// Widens and transposes weight rows `0..rows` (`rows ≤ 8·NV`, row stride `k`), columns
+/// `pc..pc + kc`, into `dst[p * 8·NV + j]`; rows past `rows` become zeros so the
+/// micro-kernel never needs an edge case along `n`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn pack_panel<W: Widen, const NV: usize>(
+    w: *const W::Raw,
+    k: usize,
+    rows: usize,
+    pc: usize,
+    kc: usize,
+    dst: *mut f32,
+) {
+    let nr = 8 * NV;
+    let kc8 = kc & !7;
+    for g in 0..NV {
+        let j0 = 8 * g;
+        let mut p = 0;
+        while p < kc8 {
+            let mut v = [_mm256_setzero_ps(); 8];
+            for (j, v) in v.iter_mut().enumerate() {
+                if j0 + j < rows {
+                    *v = W::load8(w.add((j0 + j) * k + pc + p));
+                }
+            }
+            let t = transpose8(v);
+            for (q, t) in t.iter().enumerate() {
+                _mm256_storeu_ps(dst.add((p + q) * nr + j0), *t);
+            }
+            p += 8;
+        }
+        for p in kc8..kc {
+            for j in 0..8 {
+                let v = if j0 + j < rows {
+                    W::scalar(*w.add((j0 + j) * k + pc + p))
+                } else {
+                    0.0
+                };
+                *dst.add(p * nr + j0 + j) = v;
+            }
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn accumulate<const MR: usize, const NV: usize>(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+) -> [[__m256; NV]; MR] {
+    let nr = 8 * NV;
+    let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+    for p in 0..kc {
+        let mut bv = [_mm256_setzero_ps(); NV];
+        for (v, bv) in bv.iter_mut().enumerate() {
+            *bv = _mm256_loadu_ps(b.add(p * nr + 8 * v));
+        }
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let av = _mm256_broadcast_ss(&*a.add(i * lda + p));
+            for v in 0..NV {
+                acc[v] = _mm256_fmadd_ps(av, bv[v], acc[v]);
+            }
+        }
+    }
+    acc
+}
+
+/// `C[MR × cols] (+)= A[MR × kc] · B[kc × 8·NV]` where `A` is row-major with stride `lda`,
+/// `B` is a packed panel, and only the first `cols` columns of the tile are stored. With
+/// `first`, `C` is overwritten (plus `bias` when non-null) instead of accumulated into.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_micro<const MR: usize, const NV: usize>(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    first: bool,
+    bias: *const f32,
+) {
+    let nr = 8 * NV;
+    let acc = accumulate::<MR, NV>(kc, a, lda, b);
+    if cols == nr {
+        for (i, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                let cp = c.add(i * ldc + 8 * v);
+                let base = if !first {
+                    _mm256_loadu_ps(cp)
+                } else if !bias.is_null() {
+                    _mm256_loadu_ps(bias.add(8 * v))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                _mm256_storeu_ps(cp, _mm256_add_ps(base, acc));
+            }
+        }
+    } else {
+        let mut tile = [[0.0f32; 32]; MR];
+        for (i, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(tile[i].as_mut_ptr().add(8 * v), acc);
+            }
+        }
+        for (i, row) in tile.iter().enumerate() {
+            for (j, &t) in row.iter().enumerate().take(cols) {
+                let cp = c.add(i * ldc + j);
+                let base = if !first {
+                    *cp
+                } else if !bias.is_null() {
+                    *bias.add(j)
+                } else {
+                    0.0
+                };
+                *cp = base + t;
+            }
+        }
+    }
+}
+
+/// One `gemm_micro` call for the 1–7 activation rows left over after the whole tiles.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_micro_tail<const NV: usize>(
+    rows: usize,
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    first: bool,
+    bias: *const f32,
+) {
+    match rows {
+        1 => gemm_micro::<1, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
+        2 => gemm_micro::<2, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
+        3 => gemm_micro::<3, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
+        4 => gemm_micro::<4, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
+        5 => gemm_micro::<5, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
+        6 => gemm_micro::<6, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
+        7 => gemm_micro::<7, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
+        _ => unreachable!("tail of {rows} rows"),
+    }
+}
+
+/// Prefetches `rows` rows of `len` elements at `w` (row stride `k`) into the caches.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn prefetch_block<W: Widen>(w: *const W::Raw, k: usize, rows: usize, len: usize) {
+    let bytes = len * std::mem::size_of::<W::Raw>();
+    for j in 0..rows {
+        let p = w.add(j * k).cast::<u8>();
+        let mut off = 0;
+        while off < bytes {
+            _mm_prefetch::<_MM_HINT_T0>(p.add(off).cast());
+            off += 64;
+        }
+    }
+}
+
+/// Largest `kc` block; the packed panel (`kc × 8·NV` floats) lives on the stack.
+pub(super) const KC_MAX: usize = 512;
+
+/// A packed weight panel for any `NV ≤ 4`, cache-line aligned.
+#[repr(align(64))]
+struct PanelBuf([std::mem::MaybeUninit<f32>; KC_MAX * 32]);
+
+/// Output columns (weight rows) of panels `p0..p1` (each `8·NV` wide) for all `m`
+/// activation rows. Per panel and `kc` block the weights are packed once and then swept
+/// by every activation row, `MR` rows at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_panels<W: Widen, const MR: usize, const NV: usize>(
+    w: *const W::Raw,
+    x: *const f32,
+    m: usize,
+    k: usize,
+    n: usize,
+    bias: *const f32,
+    out: *mut f32,
+    (p0, p1): (usize, usize),
+    kc_block: usize,
+) {
+    const { assert!(MR <= 6 && NV <= 4, "tail kernels and panel buffer sizes") };
+    let nr = 8 * NV;
+    let kc_block = kc_block.clamp(8, KC_MAX);
+    // Rows left after whole MR tiles. A tile of 1–3 rows has too few accumulators to hide
+    // the FMA latency, so such a remainder is merged with one whole tile and split in two
+    // (e.g. m = 32 with MR = 6 runs 6+6+6+6+4+4, not 6+6+6+6+6+2).
+    let mut full = m - m % MR;
+    let mut tail = m - full;
+    if tail > 0 && tail < MR / 2 + 1 && full >= MR {
+        full -= MR;
+        tail += MR;
+    }
+    // Uninitialised on purpose (64 KB per call): `pack_panel` writes every element of the
+    // `kc × nr` prefix before `gemm_micro` reads it.
+    let mut buf = PanelBuf([std::mem::MaybeUninit::uninit(); KC_MAX * 32]);
+    let bp = buf.0.as_mut_ptr().cast::<f32>();
+    for jp in p0..p1 {
+        let j0 = jp * nr;
+        let cols = nr.min(n - j0);
+        let b = if bias.is_null() { bias } else { bias.add(j0) };
+        let mut pc = 0;
+        while pc < k {
+            let kc = kc_block.min(k - pc);
+            pack_panel::<W, NV>(w.add(j0 * k), k, cols, pc, kc, bp);
+            if jp + 1 < p1 {
+                // The next panel's rows are read 8 at a time, interleaved, which the
+                // hardware prefetcher follows poorly; fetch them while this one computes.
+                let rows_next = nr.min(n - j0 - nr);
+                prefetch_block::<W>(w.add((j0 + nr) * k + pc), k, rows_next, kc);
+            }
+            let first = pc == 0;
+            let mut i = 0;
+            while i + MR <= full {
+                let (a, c) = (x.add(i * k + pc), out.add(i * n + j0));
+                gemm_micro::<MR, NV>(kc, a, k, bp, c, n, cols, first, b);
+                i += MR;
+            }
+            while i < m {
+                let rows = if m - i == tail && tail > MR {
+                    tail.div_ceil(2)
+                } else {
+                    m - i
+                };
+                let (a, c) = (x.add(i * k + pc), out.add(i * n + j0));
+                gemm_micro_tail::<NV>(rows, kc, a, k, bp, c, n, cols, first, b);
+                i += rows;
+            }
+            pc += kc;
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! `out = x · Wᵀ (+ bias)`: shape checks, choice of kernel, and the split across the pool.
+//!
+//! Two regimes, switched on the number of activation rows `m`:
+//! - `m ≤ GEMV_MAX_M` (decode): every weight is used by few rows, so the weights are
+//!   streamed once, in contiguous row chunks per thread, and the kernel only has to keep up
+//!   with DRAM.
+//! - larger `m` (batched decode, prefill): every weight is used by many rows, so FMA
+//!   throughput is the limit; the BLIS-style kernel packs weight panels into L1 once and
+//!   sweeps all activation rows over them. Threads split the weight rows (output columns),
+//!   so each thread packs only its own panels and no weight is widened twice.
+//!
+//! The scalar path mirrors the same split and is what runs on CPUs without AVX2/FMA.
+
+use super::matrix::{bf16_to_f32, f16_to_f32, Matrix, WeightData};
+use super::pool::{num_threads, parallel_for};
+use super::Isa;
+
+/// Up to this many activation rows the GEMV kernel wins; above it the packed GEMM does.
+const GEMV_MAX_M: usize = 12;
+/// Below this many multiply-adds a call runs on the calling thread: the work is shorter
+/// than waking a worker.
+const SERIAL_WORK: usize = 1 << 15;
+/// Chunks per thread; more than one lets a thread that got a core late catch up by the
+/// others taking its share.
+const CHUNKS_PER_THREAD: usize = 4;
+/// `k` block of the GEMM path: the packed panel is `GEMM_KC × 8·GEMM_NV` floats and has to
+/// stay in L1 together with the activation rows being swept.
+const GEMM_KC: usize = 512;
+/// GEMM register tile: `GEMM_MR` activation rows × `8·GEMM_NV` weight rows
+/// (4 × 24 = 12 accumulators of AVX2's 16 registers, 7 loads per 12 FMAs).
+const GEMM_MR: usize = 6;
+const GEMM_NV: usize = 2;
+
+/// The output pointer shared by the threads of one call. Each thread writes only the
+/// output columns of the weight rows it owns, so the writes are disjoint.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: used only to write disjoint column ranges of one output buffer that outlives the
+// `parallel_for` call (see `run_chunks`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    // A method rather than `.0` so closures capture the whole `Sync` wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `out[m × w.rows] = x[m × w.cols] · Wᵀ (+ bias[w.rows])`, multi-threaded over the kernel
+/// pool. Panics if the slice lengths do not match the shapes.
+pub fn matmul(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [f32]) {
+    matmul_with(Isa::detect(), x, m, w, bias, out);
+}
+
+pub(super) fn matmul_with(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &Matrix,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k, "matmul: x is not {m} x {k}");
+    assert_eq!(out.len(), m * n, "matmul: out is not {m} x {n}");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "matmul: bias length is not {n}");
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for row in out.chunks_exact_mut(n) {
+            match bias {
+                Some(b) => row.copy_from_slice(b),
+                None => row.fill(0.0),
+            }
+        }
+        return;
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => match &w.data {
+            WeightData::F32(d) => x86::matmul::<super::avx2::F32>(d, x, m, k, n, bias, out),
+            WeightData::Bf16(d) => x86::matmul::<super::avx2::Bf16>(d, x, m, k, n, bias, out),
+            WeightData::F16(d) => x86::matmul::<super::avx2::F16>(d, x, m, k, n, bias, out),
+        },
+        Isa::Scalar => match &w.data {
+            WeightData::F32(d) => scalar_matmul(d, |v| v, x, m, k, n, bias, out),
+            WeightData::Bf16(d) => scalar_matmul(d, bf16_to_f32, x, m, k, n, bias, out),
+            WeightData::F16(d) => scalar_matmul(d, f16_to_f32, x, m, k, n, bias, out),
+        },
+    }
+}
+
+/// Splits `units` into contiguous chunks and runs `f(start, end)` for each, on the pool
+/// unless the call is too small to be worth a dispatch.
+fn run_chunks(units: usize, work: usize, f: impl Fn(usize, usize) + Sync) {
+    let chunks = if work < SERIAL_WORK {
+        1
+    } else {
+        (num_threads() * CHUNKS_PER_THREAD).min(units)
+    };
+    if chunks <= 1 {
+        f(0, units);
+        return;
+    }
+    parallel_for(chunks, |c| f(units * c / chunks, units * (c + 1) / chunks));
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::super::avx2::{gemm_panels, gemv_rows, Widen};
+    use super::*;
+
+    /// Rows per GEMV scheduling unit, so chunk edges fall on whole register tiles.
+    const GEMV_UNIT: usize = 8;
+
+    pub(super) fn matmul<W: Widen>(
+        w: &[W::Raw],
+        x: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let op = OutPtr(out.as_mut_ptr());
+        let ptrs = || {
+            let bp = bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
+            (w.as_ptr(), x.as_ptr(), bp)
+        };
+        let work = m * n * k;
+        // SAFETY (all calls below): `Isa::Avx2` is only chosen when the CPU has AVX2, FMA
+        // and F16C; the lengths were checked against (m, k, n) by `matmul_with`, and each
+        // chunk touches weight rows / output columns inside its own `start..end` range.
+        if m <= GEMV_MAX_M {
+            let units = n.div_ceil(GEMV_UNIT);
+            run_chunks(units, work, |u0, u1| {
+                let rows = (u0 * GEMV_UNIT, (u1 * GEMV_UNIT).min(n));
+                let (wp, xp, bp) = ptrs();
+                unsafe { gemv_rows::<W>(wp, xp, m, k, n, bp, op.get(), rows) };
+            });
+        } else {
+            // Threads split the weight panels; only when there are too few panels to go
+            // round are the activation rows split as well (never for the model's shapes).
+            let panels = n.div_ceil(8 * GEMM_NV);
+            let want = num_threads() * CHUNKS_PER_THREAD;
+            let m_blocks = if panels >= want {
+                1
+            } else {
+                want.div_ceil(panels).min(m.div_ceil(4 * GEMM_MR))
+            };
+            run_chunks(panels * m_blocks, work, |u0, u1| {
+                let (wp, xp, bp) = ptrs();
+                let mut u = u0;
+                while u < u1 {
+                    let (mb, p0) = (u / panels, u % panels);
+                    let p1 = panels.min(p0 + u1 - u);
+                    let (m0, m1) = (m * mb / m_blocks, m * (mb + 1) / m_blocks);
+                    unsafe {
+                        gemm_panels::<W, GEMM_MR, GEMM_NV>(
+                            wp,
+                            xp.add(m0 * k),
+                            m1 - m0,
+                            k,
+                            n,
+                            bp,
+                            op.get().add(m0 * n),
+                            (p0, p1),
+                            GEMM_KC,
+                        );
+                    }
+                    u += p1 - p0;
+                }
+            });
+        }
+    }
+}
+
+/// Portable path: widen one weight row at a time, then plain dot products written with
+/// eight partial sums so the compiler can vectorise them for whatever the target has.
+#[allow(clippy::too_many_arguments)]
+fn scalar_matmul<T: Copy + Sync>(
+    w: &[T],
+    widen: impl Fn(T) -> f32 + Sync,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let op = OutPtr(out.as_mut_ptr());
+    run_chunks(n, m * n * k, |r0, r1| {
+        let mut row = vec![0.0f32; k];
+        for r in r0..r1 {
+            for (d, &s) in row.iter_mut().zip(&w[r * k..(r + 1) * k]) {
+                *d = widen(s);
+            }
+            let b = bias.map_or(0.0, |b| b[r]);
+            for i in 0..m {
+                let v = scalar_dot(&row, &x[i * k..(i + 1) * k]) + b;
+                // SAFETY: `i * n + r < m * n`, and column `r` belongs to this chunk alone.
+                unsafe { *op.get().add(i * n + r) = v };
+            }
+        }
+    });
+}
+
+pub(super) fn scalar_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1) without pulling an RNG into the kernels' tests.
+    fn fill(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn matrix(dtype: &str, n: usize, k: usize, seed: u64) -> Matrix {
+        let v = fill(n * k, seed);
+        match dtype {
+            "f32" => Matrix::from_f32(n, k, v),
+            "bf16" => Matrix::from_bf16_bits(
+                n,
+                k,
+                v.iter()
+                    .map(|x| half::bf16::from_f32(*x).to_bits())
+                    .collect(),
+            ),
+            _ => Matrix::from_f16_bits(
+                n,
+                k,
+                v.iter()
+                    .map(|x| half::f16::from_f32(*x).to_bits())
+                    .collect(),
+            ),
+        }
+    }
+
+    /// f64 reference, plus the sum of |products| per output as the error scale.
+    fn reference(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>) -> (Vec<f64>, Vec<f64>) {
+        let (n, k) = (w.rows, w.cols);
+        let mut row = vec![0.0f32; k];
+        let mut out = vec![0.0; m * n];
+        let mut mag = vec![0.0; m * n];
+        for r in 0..n {
+            w.row_f32(r, &mut row);
+            for i in 0..m {
+                let (mut s, mut a) = (0.0f64, 0.0f64);
+                for t in 0..k {
+                    let p = f64::from(x[i * k + t]) * f64::from(row[t]);
+                    s += p;
+                    a += p.abs();
+                }
+                let b = bias.map_or(0.0, |b| f64::from(b[r]));
+                out[i * n + r] = s + b;
+                mag[i * n + r] = a + b.abs();
+            }
+        }
+        (out, mag)
+    }
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        if Isa::detect() != Isa::Scalar {
+            v.push(Isa::detect());
+        }
+        v
+    }
+
+    #[test]
+    fn matches_f64_reference_on_odd_shapes() {
+        let shapes = [
+            (1, 13, 37),
+            (3, 13, 37),
+            (7, 13, 37),
+            (33, 13, 37),
+            (1, 1, 1),
+            (2, 5, 8),
+            (5, 24, 16),
+            (4, 25, 7),
+            (9, 50, 129),
+            (33, 70, 300),
+            (6, 64, 600),
+            (1, 100, 1000),
+            (GEMV_MAX_M, 40, 64),
+            (GEMV_MAX_M + 1, 40, 64),
+            (20, 30, 2 * GEMM_KC + 76),
+            (100, 10, 33),
+        ];
+        for isa in isas() {
+            for dtype in ["f32", "bf16", "f16"] {
+                for (si, &(m, n, k)) in shapes.iter().enumerate() {
+                    let w = matrix(dtype, n, k, si as u64 + 1);
+                    let x = fill(m * k, si as u64 + 100);
+                    let bias = fill(n, si as u64 + 200);
+                    for b in [None, Some(bias.as_slice())] {
+                        let mut out = vec![f32::NAN; m * n];
+                        matmul_with(isa, &x, m, &w, b, &mut out);
+                        let (want, mag) = reference(&x, m, &w, b);
+                        for j in 0..m * n {
+                            let err = (f64::from(out[j]) - want[j]).abs();
+                            assert!(
+                                err <= 1e-5 * mag[j] + 1e-6,
+                                "{isa:?} {dtype} m={m} n={n} k={k} bias={} [{j}]: {} vs {}",
+                                b.is_some(),
+                                out[j],
+                                want[j]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_path_agrees_with_scalar_path() {
+        for dtype in ["f32", "bf16", "f16"] {
+            for &(m, n, k) in &[(1, 77, 512), (3, 40, 96), (8, 100, 256), (40, 97, 520)] {
+                let w = matrix(dtype, n, k, 7);
+                let x = fill(m * k, 8);
+                let bias = fill(n, 9);
+                let mut fast = vec![0.0; m * n];
+                let mut slow = vec![0.0; m * n];
+                matmul(&x, m, &w, Some(&bias), &mut fast);
+                matmul_with(Isa::Scalar, &x, m, &w, Some(&bias), &mut slow);
+                let (_, mag) = reference(&x, m, &w, Some(&bias));
+                for j in 0..m * n {
+                    let err = f64::from((fast[j] - slow[j]).abs());
+                    assert!(err <= 1e-5 * mag[j], "{dtype} {m}x{n}x{k} [{j}]");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn thread_count_does_not_change_results() {
+        // Every output is summed in the same order however the work is split, so results
+        // are bit-identical across thread counts (not across m: GEMV and GEMM differ).
+        for &(m, n, k) in &[(1, 300, 200), (9, 64, 300), (64, 20, 100), (40, 200, 600)] {
+            let w = matrix("bf16", n, k, 3);
+            let x = fill(m * k, 4);
+            let mut want = vec![0.0; m * n];
+            matmul(&x, m, &w, None, &mut want);
+            for threads in [1, 3, 0] {
+                // Other tests may run meanwhile; the thread count only changes their split.
+                super::super::pool::set_num_threads(threads);
+                let mut got = vec![0.0; m * n];
+                matmul(&x, m, &w, None, &mut got);
+                assert_eq!(got, want, "{m}x{n}x{k} on {threads} threads");
+            }
+        }
+    }
+
+    #[test]
+    fn degenerate_shapes() {
+        let w = Matrix::from_f32(3, 0, vec![]);
+        let mut out = vec![9.0; 6];
+        matmul(&[], 2, &w, Some(&[1.0, 2.0, 3.0]), &mut out);
+        assert_eq!(out, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+        matmul(&[], 2, &w, None, &mut out);
+        assert_eq!(out, [0.0; 6]);
+        let w = Matrix::from_f32(3, 4, vec![1.0; 12]);
+        matmul(&[], 0, &w, None, &mut []);
+    }
+
+    #[test]
+    #[should_panic(expected = "x is not")]
+    fn wrong_input_length_panics() {
+        let w = Matrix::from_f32(2, 2, vec![0.0; 4]);
+        matmul(&[0.0; 3], 2, &w, None, &mut [0.0; 4]);
+    }
+}

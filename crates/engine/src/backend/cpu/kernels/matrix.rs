@@ -1,0 +1,211 @@
+//! Weight matrices as the CPU kernels read them: Hugging Face layout (`[out_features,
+//! in_features]`, row-major, so `y = x · Wᵀ`) with the element type kept as stored in the
+//! checkpoint. bf16 and f16 stay as raw bits and are widened to f32 inside the kernels,
+//! which halves the bytes a memory-bound decode step has to stream.
+
+/// The elements of a [`Matrix`], row-major. bf16 and f16 hold the raw IEEE bits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeightData {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    F16(Vec<u16>),
+}
+
+impl WeightData {
+    fn len(&self) -> usize {
+        match self {
+            WeightData::F32(v) => v.len(),
+            WeightData::Bf16(v) | WeightData::F16(v) => v.len(),
+        }
+    }
+
+    fn dtype_name(&self) -> &'static str {
+        match self {
+            WeightData::F32(_) => "f32",
+            WeightData::Bf16(_) => "bf16",
+            WeightData::F16(_) => "f16",
+        }
+    }
+}
+
+/// A weight matrix of `rows` output features by `cols` input features.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: WeightData,
+}
+
+impl Matrix {
+    /// Panics if `data.len() != rows * cols`: a shape mismatch here is a loader bug.
+    pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        Self::new(rows, cols, WeightData::F32(data))
+    }
+
+    /// `bits` are bf16 values as stored in safetensors (the top half of an f32).
+    pub fn from_bf16_bits(rows: usize, cols: usize, bits: Vec<u16>) -> Self {
+        Self::new(rows, cols, WeightData::Bf16(bits))
+    }
+
+    /// `bits` are IEEE 754 binary16 values.
+    pub fn from_f16_bits(rows: usize, cols: usize, bits: Vec<u16>) -> Self {
+        Self::new(rows, cols, WeightData::F16(bits))
+    }
+
+    fn new(rows: usize, cols: usize, data: WeightData) -> Self {
+        let expected = rows
+            .checked_mul(cols)
+            .expect("matrix shape overflows usize");
+        assert_eq!(
+            data.len(),
+            expected,
+            "{} matrix {rows}x{cols} needs {expected} elements",
+            data.dtype_name()
+        );
+        Matrix { rows, cols, data }
+    }
+
+    /// Stacks matrices vertically (q, k, v into one qkv projection; gate and up into one),
+    /// so one matmul streams all of them. The parts must share dtype and column count.
+    pub fn concat_rows(parts: Vec<Matrix>) -> Result<Matrix, String> {
+        let first = parts
+            .first()
+            .ok_or("concat_rows needs at least one matrix")?;
+        let cols = first.cols;
+        let dtype = first.data.dtype_name();
+        for (i, p) in parts.iter().enumerate() {
+            if p.cols != cols {
+                return Err(format!(
+                    "concat_rows: part {i} has {} columns, part 0 has {cols}",
+                    p.cols
+                ));
+            }
+            if p.data.dtype_name() != dtype {
+                return Err(format!(
+                    "concat_rows: part {i} is {}, part 0 is {dtype}",
+                    p.data.dtype_name()
+                ));
+            }
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let mut parts = parts.into_iter();
+        // The first part's buffer is reused so the common case copies each other part once.
+        let first = parts.next().expect("checked non-empty above");
+        let data = match first.data {
+            WeightData::F32(mut v) => {
+                v.reserve(rows * cols - v.len());
+                for p in parts {
+                    if let WeightData::F32(d) = p.data {
+                        v.extend_from_slice(&d);
+                    }
+                }
+                WeightData::F32(v)
+            }
+            WeightData::Bf16(mut v) => {
+                v.reserve(rows * cols - v.len());
+                for p in parts {
+                    if let WeightData::Bf16(d) = p.data {
+                        v.extend_from_slice(&d);
+                    }
+                }
+                WeightData::Bf16(v)
+            }
+            WeightData::F16(mut v) => {
+                v.reserve(rows * cols - v.len());
+                for p in parts {
+                    if let WeightData::F16(d) = p.data {
+                        v.extend_from_slice(&d);
+                    }
+                }
+                WeightData::F16(v)
+            }
+        };
+        Ok(Matrix { rows, cols, data })
+    }
+
+    /// Widens row `r` into `out` (length `cols`); used for embedding lookups.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows, "row {r} out of range for {} rows", self.rows);
+        assert_eq!(out.len(), self.cols, "row_f32 output length");
+        let range = r * self.cols..(r + 1) * self.cols;
+        match &self.data {
+            WeightData::F32(v) => out.copy_from_slice(&v[range]),
+            WeightData::Bf16(v) => {
+                for (o, &b) in out.iter_mut().zip(&v[range]) {
+                    *o = bf16_to_f32(b);
+                }
+            }
+            WeightData::F16(v) => {
+                for (o, &b) in out.iter_mut().zip(&v[range]) {
+                    *o = f16_to_f32(b);
+                }
+            }
+        }
+    }
+
+    /// Bytes of weight data, i.e. what one pass of a matmul streams from memory.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            WeightData::F32(v) => v.len() * 4,
+            WeightData::Bf16(v) | WeightData::F16(v) => v.len() * 2,
+        }
+    }
+}
+
+/// bf16 is the top half of an f32, so widening is exact.
+#[inline(always)]
+pub(crate) fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+#[inline(always)]
+pub(crate) fn f16_to_f32(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concat_rows_stacks_in_order() {
+        let a = Matrix::from_f32(1, 2, vec![1.0, 2.0]);
+        let b = Matrix::from_f32(2, 2, vec![3.0, 4.0, 5.0, 6.0]);
+        let c = Matrix::concat_rows(vec![a, b]).unwrap();
+        assert_eq!((c.rows, c.cols), (3, 2));
+        assert_eq!(c.data, WeightData::F32(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
+
+        let q = Matrix::from_bf16_bits(1, 1, vec![0x3f80]);
+        let k = Matrix::from_bf16_bits(1, 1, vec![0x4000]);
+        let qk = Matrix::concat_rows(vec![q, k]).unwrap();
+        assert_eq!(qk.data, WeightData::Bf16(vec![0x3f80, 0x4000]));
+        assert_eq!(qk.bytes(), 4);
+    }
+
+    #[test]
+    fn concat_rows_rejects_mismatches() {
+        assert!(Matrix::concat_rows(vec![]).is_err());
+        let a = Matrix::from_f32(1, 2, vec![0.0; 2]);
+        let b = Matrix::from_f32(1, 3, vec![0.0; 3]);
+        assert!(Matrix::concat_rows(vec![a.clone(), b]).is_err());
+        let h = Matrix::from_f16_bits(1, 2, vec![0; 2]);
+        assert!(Matrix::concat_rows(vec![a, h]).is_err());
+    }
+
+    #[test]
+    fn row_f32_widens_every_dtype() {
+        let mut out = [0.0f32; 2];
+        Matrix::from_bf16_bits(2, 2, vec![0, 0, 0x3f80, 0xc040]).row_f32(1, &mut out);
+        assert_eq!(out, [1.0, -3.0]);
+        Matrix::from_f16_bits(1, 2, vec![0x3c00, 0x4500]).row_f32(0, &mut out);
+        assert_eq!(out, [1.0, 5.0]);
+        Matrix::from_f32(1, 2, vec![7.0, 8.0]).row_f32(0, &mut out);
+        assert_eq!(out, [7.0, 8.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "needs 6 elements")]
+    fn shape_mismatch_panics() {
+        Matrix::from_f32(2, 3, vec![0.0; 5]);
+    }
+}

@@ -1,0 +1,42 @@
+//! Hot CPU kernels for the decoder: weight-streaming matmuls over f32/bf16/f16 weights, a
+//! low-latency thread pool, and the small f32 vector helpers the model calls per token.
+//!
+//! The fast path is AVX2 + FMA + F16C, detected at run time (the binary stays portable and
+//! nothing needs `-C target-cpu`); every kernel has a portable scalar twin that runs
+//! elsewhere and that the tests hold the fast path to.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod bandwidth;
+mod matmul;
+mod matrix;
+mod pool;
+mod vector;
+
+pub use bandwidth::measure_read_bandwidth_gbs;
+pub use matmul::matmul;
+pub use matrix::{Matrix, WeightData};
+pub use pool::{num_threads, parallel_for, set_num_threads};
+pub use vector::{axpy, dot, scale};
+
+/// Which implementation the kernels use on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Isa {
+    /// The best implementation this CPU supports (std caches the CPUID probe).
+    pub(crate) fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return Isa::Avx2;
+        }
+        Isa::Scalar
+    }
+}

@@ -1,0 +1,443 @@
+//! The CPU backend: f32 activations and KV cache, f32/bf16/f16 weights, paged attention
+//! that reads K/V through block tables. It is the correctness reference for other
+//! backends and the engine CI runs.
+
+pub mod kernels;
+
+use kernels::{Matrix, WeightData};
+
+use super::{AttnLayout, Backend, ForwardBatch, KvCacheSpec, QkNorm, SeqSlice};
+use crate::model::{DType, HostTensor, ModelError};
+
+/// Row-major f32 activations.
+#[derive(Clone, Debug, Default)]
+pub struct CpuAct {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl CpuAct {
+    fn reshape(&mut self, rows: usize, cols: usize) {
+        self.rows = rows;
+        self.cols = cols;
+        self.data.resize(rows * cols, 0.0);
+    }
+
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// Paged KV cache: per layer, K and V as `[block][kv_head][offset][head_dim]`, so one
+/// head's keys within a block are contiguous.
+pub struct CpuKvCache {
+    spec: KvCacheSpec,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl CpuKvCache {
+    fn index(&self, slot: usize, kv_head: usize) -> usize {
+        let s = &self.spec;
+        let (block, off) = (slot / s.block_size, slot % s.block_size);
+        ((block * s.num_kv_heads + kv_head) * s.block_size + off) * s.head_dim
+    }
+}
+
+pub struct CpuStep {
+    positions: Vec<u32>,
+    slots: Vec<u32>,
+    seqs: Vec<SeqSlice>,
+    logit_rows: Vec<u32>,
+    token_ids: Vec<u32>,
+    /// `[token][head_dim / 2]` rotary tables.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// Work below this many rows runs on the calling thread: waking the pool costs more.
+const PAR_ROWS: usize = 16;
+
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+/// Lets pool tasks write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: each task writes a region no other task touches, and the pool joins all tasks
+// before the buffer's borrow ends.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// SAFETY: the caller guarantees `[offset, offset + len)` is in bounds and written by
+    /// this task alone.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, offset: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(offset), len)
+    }
+}
+
+/// Runs `f(row, row_slice)` over the rows of `data`, in parallel when there are many.
+fn for_each_row(data: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = if cols == 0 { 0 } else { data.len() / cols };
+    if rows < PAR_ROWS {
+        for (r, row) in data.chunks_exact_mut(cols).enumerate() {
+            f(r, row);
+        }
+        return;
+    }
+    let ptr = SharedMut(data.as_mut_ptr());
+    kernels::parallel_for(rows, |r| {
+        // SAFETY: row r is written by task r only.
+        let row = unsafe { ptr.slice(r * cols, cols) };
+        f(r, row);
+    });
+}
+
+fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss = kernels::dot(x, x);
+    let scale = 1.0 / (ss / x.len() as f32 + eps).sqrt();
+    for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
+        *o = wi * (xi * scale);
+    }
+}
+
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let ss = kernels::dot(x, x);
+    let scale = 1.0 / (ss / x.len() as f32 + eps).sqrt();
+    for (xi, &wi) in x.iter_mut().zip(w) {
+        *xi = wi * (*xi * scale);
+    }
+}
+
+/// Rotates pairs `(i, i + d/2)` (the Hugging Face "rotate_half" convention).
+fn rope_head(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    let (a, b) = x.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x2 * cos[i] + x1 * sin[i];
+    }
+}
+
+fn concat_u16(parts: &[HostTensor<'_>]) -> Vec<u16> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.numel()).sum());
+    for p in parts {
+        out.extend(
+            p.bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]])),
+        );
+    }
+    out
+}
+
+impl Backend for CpuBackend {
+    type Weight = Matrix;
+    type Vector = Vec<f32>;
+    type Act = CpuAct;
+    type KvCache = CpuKvCache;
+    type Step = CpuStep;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload_matrix(&self, parts: &[HostTensor<'_>]) -> Result<Matrix, ModelError> {
+        let first = parts
+            .first()
+            .ok_or_else(|| ModelError::Backend("upload_matrix: no parts".into()))?;
+        let cols = *first.shape.get(1).unwrap_or(&0);
+        let mut rows = 0;
+        for p in parts {
+            if p.shape.len() != 2 || p.shape[1] != cols || p.dtype != first.dtype {
+                return Err(ModelError::Backend(format!(
+                    "tensor {:?} ({:?} {:?}) cannot be fused with {:?} ({:?} {:?})",
+                    p.name, p.dtype, p.shape, first.name, first.dtype, first.shape
+                )));
+            }
+            rows += p.shape[0];
+        }
+        Ok(match first.dtype {
+            DType::F32 => {
+                let mut data = Vec::with_capacity(rows * cols);
+                for p in parts {
+                    data.extend(p.to_f32());
+                }
+                Matrix::from_f32(rows, cols, data)
+            }
+            DType::Bf16 => Matrix::from_bf16_bits(rows, cols, concat_u16(parts)),
+            DType::F16 => Matrix::from_f16_bits(rows, cols, concat_u16(parts)),
+        })
+    }
+
+    fn upload_vector(&self, parts: &[HostTensor<'_>]) -> Result<Vec<f32>, ModelError> {
+        Ok(parts.iter().flat_map(|p| p.to_f32()).collect())
+    }
+
+    fn alloc_kv_cache(&self, spec: &KvCacheSpec) -> Result<CpuKvCache, ModelError> {
+        let per_layer = spec.num_blocks * spec.block_size * spec.num_kv_heads * spec.head_dim;
+        let alloc = || -> Result<Vec<f32>, ModelError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(per_layer).map_err(|_| {
+                ModelError::Backend(format!(
+                    "cannot allocate {} MiB of KV cache",
+                    spec.num_layers * per_layer * 8 >> 20
+                ))
+            })?;
+            v.resize(per_layer, 0.0);
+            Ok(v)
+        };
+        let mut k = Vec::with_capacity(spec.num_layers);
+        let mut v = Vec::with_capacity(spec.num_layers);
+        for _ in 0..spec.num_layers {
+            k.push(alloc()?);
+            v.push(alloc()?);
+        }
+        Ok(CpuKvCache { spec: *spec, k, v })
+    }
+
+    fn prepare_step(&self, batch: &ForwardBatch, rope_inv_freq: &[f32]) -> CpuStep {
+        let half = rope_inv_freq.len();
+        let mut cos = Vec::with_capacity(batch.positions.len() * half);
+        let mut sin = Vec::with_capacity(batch.positions.len() * half);
+        for &p in &batch.positions {
+            for &f in rope_inv_freq {
+                // The angle is rounded to f32 first, as the reference implementation does.
+                let angle = (p as f32 * f) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        CpuStep {
+            positions: batch.positions.clone(),
+            slots: batch.slots.clone(),
+            seqs: batch.seqs.clone(),
+            logit_rows: batch.logit_rows.clone(),
+            token_ids: batch.token_ids.clone(),
+            cos,
+            sin,
+        }
+    }
+
+    fn alloc(&self, rows: usize, cols: usize) -> CpuAct {
+        CpuAct {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        }
+    }
+
+    fn embed(&self, table: &Matrix, step: &CpuStep, out: &mut CpuAct) {
+        out.reshape(step.token_ids.len(), table.cols);
+        for (row, &id) in out.data.chunks_exact_mut(table.cols).zip(&step.token_ids) {
+            // The scheduler validates ids against the vocabulary before they get here.
+            table.row_f32(id as usize, row);
+        }
+    }
+
+    fn matmul(&self, x: &CpuAct, w: &Matrix, bias: Option<&Vec<f32>>, out: &mut CpuAct) {
+        debug_assert_eq!(x.cols, w.cols);
+        out.reshape(x.rows, w.rows);
+        kernels::matmul(&x.data, x.rows, w, bias.map(|b| &b[..]), &mut out.data);
+    }
+
+    fn rms_norm(&self, x: &CpuAct, w: &Vec<f32>, eps: f32, out: &mut CpuAct) {
+        out.reshape(x.rows, x.cols);
+        let cols = x.cols;
+        for_each_row(&mut out.data, cols, |r, o| {
+            rms_norm_row(&x.data[r * cols..(r + 1) * cols], w, eps, o)
+        });
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CpuAct,
+        delta: &CpuAct,
+        w: &Vec<f32>,
+        eps: f32,
+        out: &mut CpuAct,
+    ) {
+        out.reshape(residual.rows, residual.cols);
+        let cols = residual.cols;
+        let optr = SharedMut(out.data.as_mut_ptr());
+        for_each_row(&mut residual.data, cols, |r, res| {
+            for (a, &d) in res.iter_mut().zip(&delta.data[r * cols..(r + 1) * cols]) {
+                *a += d;
+            }
+            // SAFETY: row r of `out` is written by this task alone.
+            let o = unsafe { optr.slice(r * cols, cols) };
+            rms_norm_row(res, w, eps, o);
+        });
+    }
+
+    fn add_assign(&self, residual: &mut CpuAct, delta: &CpuAct) {
+        for (a, &d) in residual.data.iter_mut().zip(&delta.data) {
+            *a += d;
+        }
+    }
+
+    fn qk_norm_rope(
+        &self,
+        qkv: &mut CpuAct,
+        layout: &AttnLayout,
+        qk_norm: Option<QkNorm<'_, Vec<f32>>>,
+        step: &CpuStep,
+    ) {
+        let hd = layout.head_dim;
+        let half = hd / 2;
+        let nq = layout.num_heads;
+        let nk = layout.num_kv_heads;
+        let cols = qkv.cols;
+        for_each_row(&mut qkv.data, cols, |t, row| {
+            let cos = &step.cos[t * half..(t + 1) * half];
+            let sin = &step.sin[t * half..(t + 1) * half];
+            for h in 0..nq + nk {
+                let head = &mut row[h * hd..(h + 1) * hd];
+                if let Some(n) = &qk_norm {
+                    let w = if h < nq { n.q } else { n.k };
+                    rms_norm_in_place(head, w, n.eps);
+                }
+                rope_head(head, cos, sin);
+            }
+        });
+    }
+
+    fn write_kv(
+        &self,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        qkv: &CpuAct,
+        layout: &AttnLayout,
+        step: &CpuStep,
+    ) {
+        let hd = layout.head_dim;
+        let k_off = layout.q_size();
+        let v_off = k_off + layout.kv_size();
+        for (t, &slot) in step.slots.iter().enumerate() {
+            let row = qkv.row(t);
+            for h in 0..layout.num_kv_heads {
+                let at = cache.index(slot as usize, h);
+                cache.k[layer][at..at + hd].copy_from_slice(&row[k_off + h * hd..][..hd]);
+                cache.v[layer][at..at + hd].copy_from_slice(&row[v_off + h * hd..][..hd]);
+            }
+        }
+    }
+
+    fn attention(
+        &self,
+        cache: &CpuKvCache,
+        layer: usize,
+        qkv: &CpuAct,
+        layout: &AttnLayout,
+        step: &CpuStep,
+        out: &mut CpuAct,
+    ) {
+        const Q_CHUNK: usize = 16;
+        let hd = layout.head_dim;
+        let group = layout.num_heads / layout.num_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let bs = cache.spec.block_size;
+        out.reshape(qkv.rows, layout.q_size());
+        let out_cols = out.cols;
+
+        // One task per (sequence, query head, chunk of query rows).
+        let mut tasks = Vec::new();
+        for (s, seq) in step.seqs.iter().enumerate() {
+            for h in 0..layout.num_heads {
+                let mut q0 = 0;
+                while q0 < seq.q_len {
+                    let q1 = (q0 + Q_CHUNK).min(seq.q_len);
+                    tasks.push((s, h, q0, q1));
+                    q0 = q1;
+                }
+            }
+        }
+        let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
+        let optr = SharedMut(out.data.as_mut_ptr());
+        let run = |i: usize| {
+            let (s, h, q0, q1) = tasks[i];
+            let seq = &step.seqs[s];
+            let kvh = h / group;
+            let mut scores = vec![0.0f32; seq.ctx_len];
+            for qi in q0..q1 {
+                let t = seq.q_start + qi;
+                let q = &qkv.row(t)[h * hd..(h + 1) * hd];
+                // Causal: this row sees every cached position up to its own.
+                let n = seq.ctx_len - seq.q_len + qi + 1;
+                let mut max = f32::NEG_INFINITY;
+                for (j, score) in scores[..n].iter_mut().enumerate() {
+                    let slot = seq.block_table[j / bs] as usize * bs + j % bs;
+                    let at = cache.index(slot, kvh);
+                    *score = kernels::dot(q, &kc[at..at + hd]) * scale;
+                    max = max.max(*score);
+                }
+                let mut sum = 0.0f32;
+                for score in &mut scores[..n] {
+                    *score = (*score - max).exp();
+                    sum += *score;
+                }
+                // SAFETY: (row t, head h) is written by this task alone.
+                let o = unsafe { optr.slice(t * out_cols + h * hd, hd) };
+                o.fill(0.0);
+                let inv = 1.0 / sum;
+                for (j, &p) in scores[..n].iter().enumerate() {
+                    let slot = seq.block_table[j / bs] as usize * bs + j % bs;
+                    let at = cache.index(slot, kvh);
+                    kernels::axpy(p * inv, &vc[at..at + hd], o);
+                }
+            }
+        };
+        if tasks.len() == 1 {
+            run(0);
+        } else {
+            kernels::parallel_for(tasks.len(), run);
+        }
+    }
+
+    fn silu_mul(&self, gate_up: &CpuAct, out: &mut CpuAct) {
+        let inter = gate_up.cols / 2;
+        out.reshape(gate_up.rows, inter);
+        for_each_row(&mut out.data, inter, |r, o| {
+            let (g, u) = gate_up.row(r).split_at(inter);
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        });
+    }
+
+    fn gather_logit_rows(&self, x: &CpuAct, step: &CpuStep, out: &mut CpuAct) {
+        out.reshape(step.logit_rows.len(), x.cols);
+        for (o, &r) in out.data.chunks_exact_mut(x.cols).zip(&step.logit_rows) {
+            o.copy_from_slice(x.row(r as usize));
+        }
+    }
+
+    fn to_host(&self, x: &CpuAct) -> Vec<f32> {
+        x.data.clone()
+    }
+}
+
+impl CpuStep {
+    pub fn positions(&self) -> &[u32] {
+        &self.positions
+    }
+}
+
+/// The weight storage dtype of a matrix, for reporting.
+pub fn matrix_dtype(m: &Matrix) -> DType {
+    match m.data {
+        WeightData::F32(_) => DType::F32,
+        WeightData::Bf16(_) => DType::Bf16,
+        WeightData::F16(_) => DType::F16,
+    }
+}

@@ -1,0 +1,113 @@
+//! Binds a [`Model`] and its KV cache on one backend to the core's [`Executor`] trait, and
+//! builds a ready engine from a model directory.
+
+use std::path::Path;
+
+use super::{Model, ModelError};
+use crate::backend::{Backend, ForwardBatch};
+use crate::core::{EngineConfig, Executor, LlmEngine, SchedulerConfig};
+
+pub struct ModelExecutor<B: Backend> {
+    backend: B,
+    model: Model<B>,
+    cache: B::KvCache,
+}
+
+impl<B: Backend> ModelExecutor<B> {
+    pub fn new(backend: B, model: Model<B>, num_blocks: usize, block_size: usize) -> Result<Self, ModelError> {
+        let cache = backend.alloc_kv_cache(&model.kv_cache_spec(num_blocks, block_size))?;
+        Ok(ModelExecutor {
+            backend,
+            model,
+            cache,
+        })
+    }
+
+    pub fn model(&self) -> &Model<B> {
+        &self.model
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+}
+
+impl<B: Backend> Executor for ModelExecutor<B> {
+    fn vocab_size(&self) -> usize {
+        self.model.config().vocab_size
+    }
+
+    fn execute(&mut self, batch: &ForwardBatch) -> Vec<f32> {
+        let logits = self.model.forward(&self.backend, &mut self.cache, batch);
+        self.backend.to_host(&logits)
+    }
+}
+
+/// How to size and run an engine.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    pub block_size: usize,
+    /// Memory for the KV cache, in bytes.
+    pub kv_cache_bytes: usize,
+    /// Exact number of KV blocks, overriding `kv_cache_bytes` (tests, benchmarks).
+    pub num_blocks: Option<usize>,
+    pub max_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub enable_prefix_caching: bool,
+    /// Caps the model's context window; `None` uses the model's.
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            block_size: 16,
+            kv_cache_bytes: 1 << 30,
+            num_blocks: None,
+            max_batched_tokens: 2048,
+            max_num_seqs: 256,
+            enable_prefix_caching: true,
+            max_model_len: None,
+        }
+    }
+}
+
+/// Loads `dir` onto `backend` and returns an engine over it.
+pub fn build_engine<B: Backend>(
+    dir: &Path,
+    backend: B,
+    opts: &EngineOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LlmEngine<ModelExecutor<B>>, ModelError> {
+    if opts.block_size == 0 {
+        return Err(ModelError::Backend("block_size must be positive".into()));
+    }
+    let model = Model::load(dir, &backend, progress)?;
+    let cfg = model.config().clone();
+    let spec = model.kv_cache_spec(1, opts.block_size);
+    // The CPU cache holds f32; device backends may use less, which only adds blocks.
+    let per_block = spec.bytes_per_token(4) * opts.block_size;
+    let num_blocks = opts
+        .num_blocks
+        .unwrap_or(opts.kv_cache_bytes / per_block)
+        .max(1);
+    let max_model_len = opts
+        .max_model_len
+        .unwrap_or(cfg.max_position_embeddings)
+        .min(cfg.max_position_embeddings);
+    let exec = ModelExecutor::new(backend, model, num_blocks, opts.block_size)?;
+    Ok(LlmEngine::new(
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                block_size: opts.block_size,
+                num_blocks,
+                max_batched_tokens: opts.max_batched_tokens,
+                max_num_seqs: opts.max_num_seqs,
+                enable_prefix_caching: opts.enable_prefix_caching,
+            },
+            max_model_len,
+            eos_token_ids: cfg.eos_token_ids.clone(),
+        },
+        exec,
+    ))
+}
