@@ -53,7 +53,12 @@ fn load(opts: &EngineBenchOptions, kv_tokens: usize) -> Result<CpuEngine> {
         enable_prefix_caching: false,
         ..EngineOptions::default()
     };
-    Ok(build_engine(&opts.model, CpuBackend::new(), &eopts, &mut |_, _| {})?)
+    Ok(build_engine(
+        &opts.model,
+        CpuBackend::new(),
+        &eopts,
+        &mut |_, _| {},
+    )?)
 }
 
 fn request(seed: usize, len: usize, vocab: usize, max_tokens: usize) -> GenerateRequest {
@@ -109,7 +114,10 @@ pub fn run(opts: &EngineBenchOptions) -> Result<EngineBenchReport> {
     let mut decode = Vec::new();
     for &b in &opts.batch_sizes {
         for i in 0..b {
-            eng.add_request(id, request(i + 10 * b, opts.prompt_len, vocab, opts.decode_tokens + 1));
+            eng.add_request(
+                id,
+                request(i + 10 * b, opts.prompt_len, vocab, opts.decode_tokens + 1),
+            );
             id += 1;
         }
         // Prefill every sequence first; time only steps that are pure decode.
@@ -152,7 +160,13 @@ fn elem_bytes(weight_bytes: usize, cfg: &engine::model::ModelConfig) -> usize {
 }
 
 fn param_count(c: &engine::model::ModelConfig) -> usize {
-    let (h, q, kv, i, v) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size, c.vocab_size);
+    let (h, q, kv, i, v) = (
+        c.hidden_size,
+        c.q_size(),
+        c.kv_size(),
+        c.intermediate_size,
+        c.vocab_size,
+    );
     let mut per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h;
     if c.qkv_bias {
         per_layer += q + 2 * kv;

@@ -31,7 +31,11 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 /// Logits of every prompt position from one prefill step through the paged cache.
-fn all_position_logits(dir: &std::path::Path, prompt: &[u32], block_size: usize) -> (Vec<f32>, usize) {
+fn all_position_logits(
+    dir: &std::path::Path,
+    prompt: &[u32],
+    block_size: usize,
+) -> (Vec<f32>, usize) {
     let backend = CpuBackend::new();
     let model = Model::load(dir, &backend, &mut |_, _| {}).expect("load");
     let vocab = model.config().vocab_size;
@@ -70,7 +74,13 @@ fn check_arch(arch: synth::Arch) {
             .as_array()
             .expect("logits")
             .iter()
-            .map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+            .map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            })
             .collect();
         assert_eq!(want.len(), prompt.len());
         let (got, vocab) = all_position_logits(dir.path(), &prompt, 16);
@@ -90,8 +100,15 @@ fn check_arch(arch: synth::Arch) {
 
         let want_greedy = ids(&case["greedy_ids"]);
         let mut eng = engine(dir.path(), opts(64, 16));
-        let out = run_all(&mut eng, vec![greedy(prompt.clone(), want_greedy.len() as u32)], 1);
-        assert_eq!(out[0].tokens, want_greedy, "{name} case {c}: greedy tokens differ");
+        let out = run_all(
+            &mut eng,
+            vec![greedy(prompt.clone(), want_greedy.len() as u32)],
+            1,
+        );
+        assert_eq!(
+            out[0].tokens, want_greedy,
+            "{name} case {c}: greedy tokens differ"
+        );
     }
 }
 

@@ -39,8 +39,6 @@ pub struct BlockPool {
     cached: HashMap<u64, BlockId>,
     events: Vec<KvEvent>,
     next_event_id: u64,
-    queried_blocks: u64,
-    hit_blocks: u64,
 }
 
 impl BlockPool {
@@ -66,8 +64,6 @@ impl BlockPool {
             cached: HashMap::new(),
             events: Vec::new(),
             next_event_id: 0,
-            queried_blocks: 0,
-            hit_blocks: 0,
         }
     }
 
@@ -116,8 +112,7 @@ impl BlockPool {
     }
 
     /// Takes a reference on each block of the longest cached prefix of `hashes` and returns
-    /// their ids in order. Blocks nobody referenced leave the evictable LRU. Counts towards
-    /// [`hit_stats`](Self::hit_stats).
+    /// their ids in order. Blocks nobody referenced leave the evictable LRU.
     pub fn acquire_cached_prefix(&mut self, hashes: &[u64]) -> Vec<BlockId> {
         if !self.enable_prefix_caching {
             return Vec::new();
@@ -132,8 +127,6 @@ impl BlockPool {
             self.ref_count[id as usize] += 1;
             out.push(id);
         }
-        self.queried_blocks += hashes.len() as u64;
-        self.hit_blocks += out.len() as u64;
         out
     }
 
@@ -296,12 +289,6 @@ impl BlockPool {
         self.cached.keys().copied().collect()
     }
 
-    /// `(queried, hit)` block counts over every
-    /// [`acquire_cached_prefix`](Self::acquire_cached_prefix) call so far.
-    pub fn hit_stats(&self) -> (u64, u64) {
-        (self.queried_blocks, self.hit_blocks)
-    }
-
     fn emit(&mut self, data: KvEventData) {
         self.events.push(KvEvent {
             id: self.next_event_id,
@@ -395,7 +382,6 @@ mod tests {
         assert_eq!(pool.num_used(), 2);
         pool.release(&shared);
         assert_eq!((pool.num_free(), pool.num_used()), (8, 0));
-        assert_eq!(pool.hit_stats(), (2, 2));
         // A miss in the middle ends the prefix.
         assert_eq!(pool.cached_prefix_len(&[hashes[0], 7, hashes[1]]), 1);
     }

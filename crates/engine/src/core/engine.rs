@@ -35,8 +35,9 @@ pub struct EngineStats {
     pub blocks_used: usize,
     pub blocks_free: usize,
     pub kv_usage: f32,
-    pub prefix_queried_blocks: u64,
-    pub prefix_hit_blocks: u64,
+    /// Tokens of admitted sequences looked up in the prefix cache, and how many hit.
+    pub prefix_query_tokens: u64,
+    pub prefix_hit_tokens: u64,
     pub preemptions: u64,
     pub steps: u64,
 }
@@ -122,7 +123,6 @@ impl<E: Executor> LlmEngine<E> {
 
     pub fn stats(&self) -> EngineStats {
         let pool = &self.sched.pool;
-        let (queried, hit) = pool.hit_stats();
         EngineStats {
             running: self.sched.running.len(),
             waiting: self.sched.waiting.len(),
@@ -130,8 +130,8 @@ impl<E: Executor> LlmEngine<E> {
             blocks_used: pool.num_used(),
             blocks_free: pool.num_free(),
             kv_usage: pool.usage(),
-            prefix_queried_blocks: queried,
-            prefix_hit_blocks: hit,
+            prefix_query_tokens: self.sched.prefix_query_tokens,
+            prefix_hit_tokens: self.sched.prefix_hit_tokens,
             preemptions: self.sched.num_preemptions,
             steps: self.steps,
         }
@@ -163,7 +163,9 @@ impl<E: Executor> LlmEngine<E> {
             batch.token_ids.extend_from_slice(&seq.tokens[start..end]);
             for pos in start..end {
                 batch.positions.push(pos as u32);
-                batch.slots.push(seq.blocks[pos / bs] * bs as u32 + (pos % bs) as u32);
+                batch
+                    .slots
+                    .push(seq.blocks[pos / bs] * bs as u32 + (pos % bs) as u32);
             }
             batch.seqs.push(SeqSlice {
                 q_start,
@@ -190,7 +192,9 @@ impl<E: Executor> LlmEngine<E> {
             self.logits_scratch
                 .extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
             let seq = &mut self.sched.running[index];
-            let sampled = seq.sampler.sample(&seq.req.sampling, &mut self.logits_scratch);
+            let sampled = seq
+                .sampler
+                .sample(&seq.req.sampling, &mut self.logits_scratch);
             seq.sampler.record(sampled.token);
             seq.tokens.push(sampled.token);
             let finish = finish_reason(&self.cfg, seq, sampled.token);
@@ -198,7 +202,11 @@ impl<E: Executor> LlmEngine<E> {
             let ev = TokenEvent {
                 token: Some(sampled.token),
                 logprob: want_logprobs.then_some(sampled.logprob),
-                top_logprobs: if want_logprobs { sampled.top_logprobs } else { Vec::new() },
+                top_logprobs: if want_logprobs {
+                    sampled.top_logprobs
+                } else {
+                    Vec::new()
+                },
                 finish_reason: finish,
                 prompt_tokens: seq.prompt_len as u32,
                 cached_prompt_tokens: seq.cached_prompt_tokens as u32,
@@ -213,12 +221,13 @@ impl<E: Executor> LlmEngine<E> {
         }
         events
     }
-
 }
 
 fn finish_reason(cfg: &EngineConfig, seq: &Sequence, token: u32) -> Option<FinishReason> {
     let req = &seq.req;
-    if (!req.ignore_eos && cfg.eos_token_ids.contains(&token)) || req.stop_token_ids.contains(&token) {
+    if (!req.ignore_eos && cfg.eos_token_ids.contains(&token))
+        || req.stop_token_ids.contains(&token)
+    {
         return Some(FinishReason::Stop);
     }
     if seq.num_output() >= req.max_tokens as usize || seq.tokens.len() >= cfg.max_model_len {
@@ -255,7 +264,10 @@ pub fn validate_request(
         ));
     }
     if req.max_tokens == 0 {
-        return Err(SubmitError::invalid("max_tokens", "max_tokens must be at least 1"));
+        return Err(SubmitError::invalid(
+            "max_tokens",
+            "max_tokens must be at least 1",
+        ));
     }
     let limit = max_model_len.min(kv_capacity_tokens);
     if req.prompt.len() >= limit {

@@ -49,6 +49,9 @@ pub(crate) struct Scheduler {
     pub waiting: VecDeque<Sequence>,
     pub running: Vec<Sequence>,
     pub num_preemptions: u64,
+    /// Prompt tokens of admitted sequences, and how many of them the prefix cache served.
+    pub prefix_query_tokens: u64,
+    pub prefix_hit_tokens: u64,
 }
 
 impl Scheduler {
@@ -59,6 +62,8 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             num_preemptions: 0,
+            prefix_query_tokens: 0,
+            prefix_hit_tokens: 0,
         }
     }
 
@@ -94,23 +99,28 @@ impl Scheduler {
                 .blocks_for(seq.num_computed + num_new)
                 .saturating_sub(seq.blocks.len());
             let mut scheduled_self = true;
-            while need > 0 {
-                if let Some(blocks) = self.pool.allocate(need) {
-                    self.running[i].blocks.extend(blocks);
-                    break;
-                }
-                // Preempt the newest sequence; if that is this one, it waits too.
-                let victim = self.running.pop().expect("running is not empty");
-                preempted = true;
-                let is_self = self.running.len() == i;
-                if is_self && i == 0 && self.blocks_for(victim.tokens.len() + 1) > self.cfg.num_blocks {
-                    unfit.push(victim);
-                } else {
-                    self.preempt(victim);
-                }
-                if is_self {
-                    scheduled_self = false;
-                    break;
+            if need > 0 {
+                loop {
+                    if let Some(blocks) = self.pool.allocate(need) {
+                        self.running[i].blocks.extend(blocks);
+                        break;
+                    }
+                    // Preempt the newest sequence; if that is this one, it waits too.
+                    let victim = self.running.pop().expect("running is not empty");
+                    preempted = true;
+                    let is_self = self.running.len() == i;
+                    if is_self
+                        && i == 0
+                        && self.blocks_for(victim.tokens.len() + 1) > self.cfg.num_blocks
+                    {
+                        unfit.push(victim);
+                    } else {
+                        self.preempt(victim);
+                    }
+                    if is_self {
+                        scheduled_self = false;
+                        break;
+                    }
                 }
             }
             if !scheduled_self {
@@ -125,7 +135,9 @@ impl Scheduler {
         while !preempted && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let bs = self.cfg.block_size;
             let num_blocks = self.cfg.num_blocks;
-            let Some(seq) = self.waiting.front_mut() else { break };
+            let Some(seq) = self.waiting.front_mut() else {
+                break;
+            };
             seq.update_hashes(bs);
             if (seq.tokens.len() + 1).div_ceil(bs) > num_blocks {
                 unfit.push(self.waiting.pop_front().expect("front exists"));
@@ -133,7 +145,9 @@ impl Scheduler {
             }
             // Leave at least one token to compute: its logits produce the next token.
             let max_cached = (seq.tokens.len() - 1) / bs;
-            let cached = self.pool.acquire_cached_prefix(&seq.hashes[..max_cached.min(seq.hashes.len())]);
+            let cached = self
+                .pool
+                .acquire_cached_prefix(&seq.hashes[..max_cached.min(seq.hashes.len())]);
             let num_cached = cached.len() * bs;
             let num_new = (seq.tokens.len() - num_cached).min(budget);
             let need = self.blocks_for(num_cached + num_new) - cached.len();
@@ -144,6 +158,8 @@ impl Scheduler {
                     seq.blocks = cached;
                     seq.blocks.extend(fresh);
                     seq.num_computed = num_cached;
+                    self.prefix_query_tokens += seq.tokens.len() as u64;
+                    self.prefix_hit_tokens += num_cached as u64;
                     if seq.num_output() == 0 {
                         seq.cached_prompt_tokens = num_cached;
                     }
@@ -174,7 +190,13 @@ impl Scheduler {
         seq.update_hashes(bs);
         let parent = seq.committed.checked_sub(1).map(|p| seq.hashes[p]);
         let blocks: Vec<(u32, u64, &[u32])> = (seq.committed..full)
-            .map(|b| (seq.blocks[b], seq.hashes[b], &seq.tokens[b * bs..(b + 1) * bs]))
+            .map(|b| {
+                (
+                    seq.blocks[b],
+                    seq.hashes[b],
+                    &seq.tokens[b * bs..(b + 1) * bs],
+                )
+            })
             .collect();
         self.pool.commit_full_blocks(parent, &blocks);
         seq.committed = full;

@@ -55,8 +55,10 @@ impl Sequence {
         while (self.hashes.len() + 1) * block_size <= self.tokens.len() {
             let i = self.hashes.len();
             let parent = self.hashes.last().copied();
-            self.hashes
-                .push(hash_block(parent, &self.tokens[i * block_size..(i + 1) * block_size]));
+            self.hashes.push(hash_block(
+                parent,
+                &self.tokens[i * block_size..(i + 1) * block_size],
+            ));
         }
     }
 

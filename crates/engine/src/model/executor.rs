@@ -14,7 +14,12 @@ pub struct ModelExecutor<B: Backend> {
 }
 
 impl<B: Backend> ModelExecutor<B> {
-    pub fn new(backend: B, model: Model<B>, num_blocks: usize, block_size: usize) -> Result<Self, ModelError> {
+    pub fn new(
+        backend: B,
+        model: Model<B>,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, ModelError> {
         let cache = backend.alloc_kv_cache(&model.kv_cache_spec(num_blocks, block_size))?;
         Ok(ModelExecutor {
             backend,

@@ -95,20 +95,21 @@ impl<B: Backend> Model<B> {
             } else {
                 None
             };
-            let (q_norm, k_norm) = if c.qk_norm {
-                (
-                    Some(backend.upload_vector(&[get(
-                        format!("{attn}.q_norm.weight"),
-                        &[c.head_dim],
-                    )?])?),
-                    Some(backend.upload_vector(&[get(
-                        format!("{attn}.k_norm.weight"),
-                        &[c.head_dim],
-                    )?])?),
-                )
-            } else {
-                (None, None)
-            };
+            let (q_norm, k_norm) =
+                if c.qk_norm {
+                    (
+                        Some(backend.upload_vector(&[get(
+                            format!("{attn}.q_norm.weight"),
+                            &[c.head_dim],
+                        )?])?),
+                        Some(backend.upload_vector(&[get(
+                            format!("{attn}.k_norm.weight"),
+                            &[c.head_dim],
+                        )?])?),
+                    )
+                } else {
+                    (None, None)
+                };
             layers.push(Layer {
                 input_norm: backend
                     .upload_vector(&[get(format!("{p}.input_layernorm.weight"), &[h])?])?,
@@ -124,7 +125,8 @@ impl<B: Backend> Model<B> {
                     get(format!("{mlp}.gate_proj.weight"), &[inter, h])?,
                     get(format!("{mlp}.up_proj.weight"), &[inter, h])?,
                 ])?,
-                down: backend.upload_matrix(&[get(format!("{mlp}.down_proj.weight"), &[h, inter])?])?,
+                down: backend
+                    .upload_matrix(&[get(format!("{mlp}.down_proj.weight"), &[h, inter])?])?,
             });
         }
         let norm = backend.upload_vector(&[get("model.norm.weight".into(), &[h])?])?;

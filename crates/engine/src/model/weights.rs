@@ -184,13 +184,13 @@ impl Checkpoint {
 
     /// The tensor `name`, checked against `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<HostTensor<'_>, ModelError> {
-        let (key, e) = self
-            .entries
-            .get_key_value(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                dir: self.dir(),
-                tensor: name.to_string(),
-            })?;
+        let (key, e) =
+            self.entries
+                .get_key_value(name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    dir: self.dir(),
+                    tensor: name.to_string(),
+                })?;
         if e.shape != shape {
             return Err(ModelError::Weight {
                 path: self.files[e.file].0.clone(),

@@ -69,7 +69,11 @@ pub struct Outcome {
 }
 
 /// Runs `reqs` together until all finish; outcomes in request order.
-pub fn run_all(engine: &mut CpuEngine, reqs: Vec<GenerateRequest>, first_id: RequestId) -> Vec<Outcome> {
+pub fn run_all(
+    engine: &mut CpuEngine,
+    reqs: Vec<GenerateRequest>,
+    first_id: RequestId,
+) -> Vec<Outcome> {
     let n = reqs.len();
     for (i, r) in reqs.into_iter().enumerate() {
         engine.validate(&r).expect("valid request");

@@ -87,7 +87,7 @@ impl SharedMut {
 
 /// Runs `f(row, row_slice)` over the rows of `data`, in parallel when there are many.
 fn for_each_row(data: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let rows = if cols == 0 { 0 } else { data.len() / cols };
+    let rows = data.len().checked_div(cols).unwrap_or(0);
     if rows < PAR_ROWS {
         for (r, row) in data.chunks_exact_mut(cols).enumerate() {
             f(r, row);
@@ -191,7 +191,7 @@ impl Backend for CpuBackend {
             v.try_reserve_exact(per_layer).map_err(|_| {
                 ModelError::Backend(format!(
                     "cannot allocate {} MiB of KV cache",
-                    spec.num_layers * per_layer * 8 >> 20
+                    (spec.num_layers * per_layer * 8) >> 20
                 ))
             })?;
             v.resize(per_layer, 0.0);

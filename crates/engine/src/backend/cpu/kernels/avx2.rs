@@ -261,7 +261,7 @@ pub(super) unsafe fn gemv_rows<W: Widen>(
         let pair = r + 2 <= r1;
         let rows = if pair { 2 } else { 1 };
         if r + ahead + rows <= r1 {
-            prefetch_block::<W>(w.add((r + ahead) * k), k, rows, k);
+            Prefetcher::<W>::new(w.add((r + ahead) * k), k, rows, k).issue(usize::MAX);
         }
         let wr = w.add(r * k);
         let br = if bias.is_null() { bias } else { bias.add(r) };
@@ -476,17 +476,54 @@ unsafe fn gemm_micro_tail<const NV: usize>(
     }
 }
 
-/// Prefetches `rows` rows of `len` elements at `w` (row stride `k`) into the caches.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn prefetch_block<W: Widen>(w: *const W::Raw, k: usize, rows: usize, len: usize) {
-    let bytes = len * std::mem::size_of::<W::Raw>();
-    for j in 0..rows {
-        let p = w.add(j * k).cast::<u8>();
-        let mut off = 0;
-        while off < bytes {
-            _mm_prefetch::<_MM_HINT_T0>(p.add(off).cast());
-            off += 64;
+/// Walks the cache lines of `rows` rows of `len` elements (row stride `k`) and prefetches
+/// them a few at a time.
+struct Prefetcher<W: Widen> {
+    base: *const u8,
+    row_stride: usize,
+    row_bytes: usize,
+    rows: usize,
+    row: usize,
+    off: usize,
+    _w: std::marker::PhantomData<W>,
+}
+
+impl<W: Widen> Prefetcher<W> {
+    fn new(w: *const W::Raw, k: usize, rows: usize, len: usize) -> Self {
+        let size = std::mem::size_of::<W::Raw>();
+        Prefetcher {
+            base: w.cast(),
+            row_stride: k * size,
+            row_bytes: len * size,
+            rows,
+            row: 0,
+            off: 0,
+            _w: std::marker::PhantomData,
+        }
+    }
+
+    fn lines(&self) -> usize {
+        self.rows * self.row_bytes.div_ceil(64)
+    }
+
+    /// Issues up to `count` more prefetches.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn issue(&mut self, count: usize) {
+        let mut left = count;
+        while left > 0 && self.row < self.rows {
+            // `wrapping_add`: a prefetch of any address is harmless, and this keeps the
+            // pointer arithmetic free of provenance questions.
+            let p = self
+                .base
+                .wrapping_add(self.row * self.row_stride + self.off);
+            _mm_prefetch::<_MM_HINT_T0>(p.cast());
+            self.off += 64;
+            if self.off >= self.row_bytes {
+                self.off = 0;
+                self.row += 1;
+            }
+            left -= 1;
         }
     }
 }
@@ -538,19 +575,25 @@ pub(super) unsafe fn gemm_panels<W: Widen, const MR: usize, const NV: usize>(
         while pc < k {
             let kc = kc_block.min(k - pc);
             pack_panel::<W, NV>(w.add(j0 * k), k, cols, pc, kc, bp);
-            if jp + 1 < p1 {
-                // The next panel's rows are read 8 at a time, interleaved, which the
-                // hardware prefetcher follows poorly; fetch them while this one computes.
+            // The next panel's rows are read 8 at a time, interleaved, which the hardware
+            // prefetcher follows poorly; fetch them while this one computes, a few lines
+            // per micro-tile (a burst of hundreds would stall on the miss buffers).
+            let mut pf = if jp + 1 < p1 {
                 let rows_next = nr.min(n - j0 - nr);
-                prefetch_block::<W>(w.add((j0 + nr) * k + pc), k, rows_next, kc);
-            }
+                Prefetcher::<W>::new(w.add((j0 + nr) * k + pc), k, rows_next, kc)
+            } else {
+                Prefetcher::<W>::new(w, k, 0, 0)
+            };
+            let per_tile = pf.lines().div_ceil(m.div_ceil(MR)).max(1);
             let first = pc == 0;
             let mut i = 0;
             while i + MR <= full {
+                pf.issue(per_tile);
                 let (a, c) = (x.add(i * k + pc), out.add(i * n + j0));
                 gemm_micro::<MR, NV>(kc, a, k, bp, c, n, cols, first, b);
                 i += MR;
             }
+            pf.issue(usize::MAX);
             while i < m {
                 let rows = if m - i == tail && tail > MR {
                     tail.div_ceil(2)
