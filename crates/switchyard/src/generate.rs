@@ -82,8 +82,10 @@ impl LoadProgress {
         if self.bar.is_none() && self.start.elapsed() > Duration::from_millis(300) && done < total {
             let bar = ProgressBar::new(total as u64);
             bar.set_style(
-                ProgressStyle::with_template("loading weights {bar:40} {bytes}/{total_bytes} {eta}")
-                    .expect("valid template"),
+                ProgressStyle::with_template(
+                    "loading weights {bar:40} {bytes}/{total_bytes} {eta}",
+                )
+                .expect("valid template"),
             );
             self.bar = Some(bar);
         }
@@ -104,8 +106,10 @@ fn load_cpu_engine(
     opts: &EngineOptions,
 ) -> Result<engine::core::LlmEngine<ModelExecutor<CpuBackend>>> {
     let mut progress = LoadProgress::new();
-    let eng = build_engine(dir, CpuBackend::new(), opts, &mut |d, t| progress.update(d, t))
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let eng = build_engine(dir, CpuBackend::new(), opts, &mut |d, t| {
+        progress.update(d, t)
+    })
+    .with_context(|| format!("loading {}", dir.display()))?;
     progress.finish();
     Ok(eng)
 }

@@ -14,7 +14,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("switchyard");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     home.join(".cache").join("switchyard")
 }
 
@@ -34,7 +36,10 @@ pub fn resolve(given: Option<PathBuf>) -> Result<PathBuf> {
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     // Write beside the target and rename, so an interrupted run leaves no half model.
     let tmp = parent.join(format!(".tmp-{}", std::process::id()));
-    eprintln!("no --model given: synthesizing the default small model into {}", dir.display());
+    eprintln!(
+        "no --model given: synthesizing the default small model into {}",
+        dir.display()
+    );
     synth::synthesize(&synth::SynthOptions {
         out: tmp.clone(),
         arch: synth::Arch::Llama,
