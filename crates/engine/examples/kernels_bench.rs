@@ -7,8 +7,11 @@
 //!
 //! ```text
 //! cargo run --release -p switchyard-engine --example kernels_bench -- [--threads N]
-//!     [--ms MILLIS] [--json PATH]
+//!     [--m 1,8,32,512] [--dtype bf16,f32] [--ms MILLIS] [--kernels-only] [--json PATH]
 //! ```
+//!
+//! `--kernels-only` skips the bandwidth, FMA-peak and dispatch measurements; `--ms` is the
+//! time budget per (dtype, m) row group, of which the fastest call per shape is reported.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +20,8 @@ use rayon::iter::{IntoParallelIterator, ParallelIterator};
 use engine::backend::cpu::kernels::{
     matmul, measure_read_bandwidth_gbs, num_threads, parallel_for, set_num_threads, Matrix,
 };
+
+type Json = serde_json::Map<String, serde_json::Value>;
 
 const HIDDEN: usize = 512;
 const INTER: usize = 1536;
@@ -67,7 +72,9 @@ fn parse_args() -> Args {
             }
             "--dtype" => args.dtypes = value().split(',').map(String::from).collect(),
             "--kernels-only" => args.skip_setup = true,
-            other => panic!("unknown argument {other:?} (try --threads, --ms, --json)"),
+            other => panic!(
+                "unknown argument {other:?} (--threads, --m, --dtype, --ms, --kernels-only, --json)"
+            ),
         }
     }
     args
@@ -147,9 +154,10 @@ fn time_steps(model: &[Vec<Matrix>], m: usize, budget: Duration) -> [f64; 5] {
     best
 }
 
-/// Best-case FMA throughput of one thread (independent accumulator chains, no memory).
+/// FMA throughput of all kernel threads at once on a register-only loop (ten independent
+/// accumulator chains, no memory): the compute roofline the GEMM numbers compare to.
 #[cfg(target_arch = "x86_64")]
-fn fma_peak_gflops_per_thread() -> Option<f64> {
+fn fma_peak_gflops(threads: usize) -> Option<f64> {
     if !is_x86_feature_detected!("avx2") || !is_x86_feature_detected!("fma") {
         return None;
     }
@@ -173,15 +181,18 @@ fn fma_peak_gflops_per_thread() -> Option<f64> {
     let mut best = f64::INFINITY;
     for _ in 0..3 {
         let t = Instant::now();
-        // SAFETY: AVX2 and FMA were detected above.
-        std::hint::black_box(unsafe { run(iters) });
+        parallel_for(threads, |_| {
+            // SAFETY: AVX2 and FMA were detected above.
+            std::hint::black_box(unsafe { run(iters) });
+        });
         best = best.min(t.elapsed().as_secs_f64());
     }
-    Some((iters * 10 * 16) as f64 / best / 1e9)
+    // 10 chains × 8 lanes × 2 flops per iteration and thread.
+    Some((threads * iters * 160) as f64 / best / 1e9)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn fma_peak_gflops_per_thread() -> Option<f64> {
+fn fma_peak_gflops(_threads: usize) -> Option<f64> {
     None
 }
 
@@ -201,20 +212,18 @@ fn dispatch_latency_us(mut dispatch: impl FnMut(), gap: Duration) -> f64 {
     samples[samples.len() / 2]
 }
 
-fn report_machine(threads: usize, json: &mut Vec<String>) {
+fn report_machine(threads: usize, json: &mut Json) {
     let bw = measure_read_bandwidth_gbs();
     println!("measured read bandwidth: {bw:.1} GB/s");
-    let peak = fma_peak_gflops_per_thread().map(|p| p * threads as f64);
+    let peak = fma_peak_gflops(threads);
     if let Some(p) = peak {
-        println!("FMA peak (register-only loop × {threads} threads): {p:.0} GFLOP/s");
+        println!("FMA peak (register-only loop on {threads} threads): {p:.0} GFLOP/s");
     }
-    json.push(format!(
-        "\"threads\":{threads},\"read_bandwidth_gbs\":{bw:.2},\"fma_peak_gflops\":{}",
-        peak.map_or("null".into(), |p| format!("{p:.1}"))
-    ));
+    json.insert("read_bandwidth_gbs".into(), bw.into());
+    json.insert("fma_peak_gflops".into(), peak.into());
 }
 
-fn report_dispatch(threads: usize, json: &mut Vec<String>) {
+fn report_dispatch(threads: usize, json: &mut Json) {
     let rayon_pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -242,7 +251,13 @@ fn report_dispatch(threads: usize, json: &mut Vec<String>) {
         "{:<22} {:>8.2} {:>12.2}",
         "rayon par_iter", theirs[0], theirs[1]
     );
-    json.push(format!("\"dispatch_us\":{{\"pool_hot\":{:.2},\"pool_parked\":{:.2},\"rayon_hot\":{:.2},\"rayon_parked\":{:.2}}}", ours[0], ours[1], theirs[0], theirs[1]));
+    json.insert(
+        "dispatch_us".into(),
+        serde_json::json!({
+            "pool_hot": ours[0], "pool_parked": ours[1],
+            "rayon_hot": theirs[0], "rayon_parked": theirs[1],
+        }),
+    );
 }
 
 fn main() {
@@ -251,7 +266,8 @@ fn main() {
         set_num_threads(t);
     }
     let threads = num_threads();
-    let mut json = Vec::new();
+    let mut json = Json::new();
+    json.insert("threads".into(), threads.into());
     println!("kernel threads: {threads}");
 
     if !args.skip_setup {
@@ -290,7 +306,10 @@ fn main() {
                     format!("{r} x {c}"),
                     t * 1e6
                 );
-                rows_json.push(format!("{{\"dtype\":\"{dtype}\",\"m\":{m},\"matmul\":\"{name}\",\"rows\":{r},\"cols\":{c},\"us\":{:.2},\"gbs\":{gbs:.2},\"gflops\":{gflops:.2}}}", t * 1e6));
+                rows_json.push(serde_json::json!({
+                    "dtype": dtype, "m": m, "matmul": name, "rows": r, "cols": c,
+                    "us": t * 1e6, "gbs": gbs, "gflops": gflops,
+                }));
             }
             let lm = times[4];
             println!(
@@ -303,19 +322,24 @@ fn main() {
                 m as f64 / step,
                 if m == 512 {
                     format!(
-                        " ({:.0} as prefill, lm_head on the last row only)",
+                        " ({:.0} as prefill, i.e. without lm_head)",
                         m as f64 / (step - lm)
                     )
                 } else {
                     String::new()
                 }
             );
-            rows_json.push(format!("{{\"dtype\":\"{dtype}\",\"m\":{m},\"matmul\":\"step\",\"us\":{:.2},\"tokens_per_s\":{:.1}}}", step * 1e6, m as f64 / step));
+            rows_json.push(serde_json::json!({
+                "dtype": dtype, "m": m, "matmul": "step", "us": step * 1e6,
+                "tokens_per_s": m as f64 / step,
+                "prefill_tokens_per_s_without_lm_head": m as f64 / (step - lm),
+            }));
         }
     }
-    json.push(format!("\"results\":[{}]", rows_json.join(",")));
+    json.insert("results".into(), rows_json.into());
     if let Some(path) = args.json {
-        std::fs::write(&path, format!("{{{}}}\n", json.join(","))).expect("write --json file");
+        let text = serde_json::to_string_pretty(&serde_json::Value::Object(json)).expect("json");
+        std::fs::write(&path, text + "\n").expect("write --json file");
         println!("\nwrote {path}");
     }
 }

@@ -151,7 +151,7 @@ impl SamplingParams {
         }
     }
 
-    fn is_greedy(&self) -> bool {
+    pub fn is_greedy(&self) -> bool {
         self.temperature < GREEDY_TEMPERATURE || self.top_k == 1
     }
 }

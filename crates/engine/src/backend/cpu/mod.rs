@@ -2,7 +2,9 @@
 //! that reads K/V through block tables. It is the correctness reference for other
 //! backends and the engine CI runs.
 
+mod attention;
 pub mod kernels;
+mod simd;
 
 use kernels::{Matrix, WeightData};
 
@@ -116,6 +118,27 @@ fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     for (xi, &wi) in x.iter_mut().zip(w) {
         *xi = wi * (*xi * scale);
     }
+}
+
+fn silu_mul_row(g: &[f32], u: &[f32], out: &mut [f32]) {
+    #[inline(always)]
+    fn body<const FMA: bool>(g: &[f32], u: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + simd::exp::<FMA>(-g)) * u;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(g: &[f32], u: &[f32], out: &mut [f32]) {
+        body::<true>(g, u, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernels::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA.
+        unsafe { avx2(g, u, out) };
+        return;
+    }
+    body::<false>(g, u, out)
 }
 
 /// Rotates pairs `(i, i + d/2)` (the Hugging Face "rotate_half" convention).
@@ -342,66 +365,20 @@ impl Backend for CpuBackend {
         step: &CpuStep,
         out: &mut CpuAct,
     ) {
-        const Q_CHUNK: usize = 16;
-        let hd = layout.head_dim;
-        let group = layout.num_heads / layout.num_kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let bs = cache.spec.block_size;
         out.reshape(qkv.rows, layout.q_size());
         let out_cols = out.cols;
-
-        // One task per (sequence, query head, chunk of query rows).
-        let mut tasks = Vec::new();
-        for (s, seq) in step.seqs.iter().enumerate() {
-            for h in 0..layout.num_heads {
-                let mut q0 = 0;
-                while q0 < seq.q_len {
-                    let q1 = (q0 + Q_CHUNK).min(seq.q_len);
-                    tasks.push((s, h, q0, q1));
-                    q0 = q1;
-                }
-            }
-        }
-        let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
-        let optr = SharedMut(out.data.as_mut_ptr());
-        let run = |i: usize| {
-            let (s, h, q0, q1) = tasks[i];
-            let seq = &step.seqs[s];
-            let kvh = h / group;
-            let mut scores = vec![0.0f32; seq.ctx_len];
-            for qi in q0..q1 {
-                let t = seq.q_start + qi;
-                let q = &qkv.row(t)[h * hd..(h + 1) * hd];
-                // Causal: this row sees every cached position up to its own.
-                let n = seq.ctx_len - seq.q_len + qi + 1;
-                let mut max = f32::NEG_INFINITY;
-                for (j, score) in scores[..n].iter_mut().enumerate() {
-                    let slot = seq.block_table[j / bs] as usize * bs + j % bs;
-                    let at = cache.index(slot, kvh);
-                    *score = kernels::dot(q, &kc[at..at + hd]) * scale;
-                    max = max.max(*score);
-                }
-                let mut sum = 0.0f32;
-                for score in &mut scores[..n] {
-                    *score = (*score - max).exp();
-                    sum += *score;
-                }
-                // SAFETY: (row t, head h) is written by this task alone.
-                let o = unsafe { optr.slice(t * out_cols + h * hd, hd) };
-                o.fill(0.0);
-                let inv = 1.0 / sum;
-                for (j, &p) in scores[..n].iter().enumerate() {
-                    let slot = seq.block_table[j / bs] as usize * bs + j % bs;
-                    let at = cache.index(slot, kvh);
-                    kernels::axpy(p * inv, &vc[at..at + hd], o);
-                }
-            }
+        let args = attention::AttnArgs {
+            seqs: &step.seqs,
+            qkv: &qkv.data,
+            qkv_cols: qkv.cols,
+            k_cache: &cache.k[layer],
+            v_cache: &cache.v[layer],
+            block_size: cache.spec.block_size,
+            num_heads: layout.num_heads,
+            num_kv_heads: layout.num_kv_heads,
+            head_dim: layout.head_dim,
         };
-        if tasks.len() == 1 {
-            run(0);
-        } else {
-            kernels::parallel_for(tasks.len(), run);
-        }
+        attention::attention(&args, &mut out.data, out_cols);
     }
 
     fn silu_mul(&self, gate_up: &CpuAct, out: &mut CpuAct) {
@@ -409,9 +386,7 @@ impl Backend for CpuBackend {
         out.reshape(gate_up.rows, inter);
         for_each_row(&mut out.data, inter, |r, o| {
             let (g, u) = gate_up.row(r).split_at(inter);
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + (-g).exp()) * u;
-            }
+            silu_mul_row(g, u, o);
         });
     }
 

@@ -4,6 +4,11 @@
 //! The fast path is AVX2 + FMA + F16C, detected at run time (the binary stays portable and
 //! nothing needs `-C target-cpu`); every kernel has a portable scalar twin that runs
 //! elsewhere and that the tests hold the fast path to.
+//!
+//! Everything here may be called from any thread. `parallel_for` (and so `matmul`) runs one
+//! job at a time on the shared pool: concurrent callers queue, and calls made from inside a
+//! job run inline on the calling thread. `examples/kernels_bench.rs` measures it all on the
+//! target model's shapes.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -38,5 +43,18 @@ impl Isa {
             return Isa::Avx2;
         }
         Isa::Scalar
+    }
+}
+
+/// Whether the AVX2 + FMA paths run on this CPU (for kernels outside this module that
+/// compile a `#[target_feature]` twin of their loops).
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::detect() == Isa::Avx2
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
