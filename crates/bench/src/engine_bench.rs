@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use engine::backend::cpu::{kernels, CpuBackend};
+use engine::backend::Backend;
 use engine::core::{GenerateRequest, LlmEngine};
 use engine::model::{build_engine, EngineOptions, ModelExecutor};
 use serde::Serialize;
@@ -42,9 +43,11 @@ pub struct EngineBenchReport {
     pub decode: Vec<DecodeRow>,
 }
 
-type CpuEngine = LlmEngine<ModelExecutor<CpuBackend>>;
-
-fn load(opts: &EngineBenchOptions, kv_tokens: usize) -> Result<CpuEngine> {
+fn load<B: Backend>(
+    opts: &EngineBenchOptions,
+    backend: B,
+    kv_tokens: usize,
+) -> Result<LlmEngine<ModelExecutor<B>>> {
     let eopts = EngineOptions {
         // Room for every sequence at once: this measures compute, not preemption.
         num_blocks: Some(kv_tokens.div_ceil(16) + 64),
@@ -53,12 +56,7 @@ fn load(opts: &EngineBenchOptions, kv_tokens: usize) -> Result<CpuEngine> {
         enable_prefix_caching: false,
         ..EngineOptions::default()
     };
-    Ok(build_engine(
-        &opts.model,
-        CpuBackend::new(),
-        &eopts,
-        &mut |_, _| {},
-    )?)
+    Ok(build_engine(&opts.model, backend, &eopts, &mut |_, _| {})?)
 }
 
 fn request(seed: usize, len: usize, vocab: usize, max_tokens: usize) -> GenerateRequest {
@@ -70,14 +68,26 @@ fn request(seed: usize, len: usize, vocab: usize, max_tokens: usize) -> Generate
     r
 }
 
+/// Runs the benchmark on the CPU backend, next to the host's measured read bandwidth.
 pub fn run(opts: &EngineBenchOptions) -> Result<EngineBenchReport> {
     if let Some(n) = opts.threads {
         kernels::set_num_threads(n);
     }
+    let bw = kernels::measure_read_bandwidth_gbs();
+    run_on(opts, CpuBackend::new(), bw)
+}
+
+/// Runs the benchmark on `backend`; `memory_bandwidth_gbs` (that device's measured figure)
+/// sets the batch-1 bound.
+pub fn run_on<B: Backend>(
+    opts: &EngineBenchOptions,
+    backend: B,
+    memory_bandwidth_gbs: f64,
+) -> Result<EngineBenchReport> {
     let max_batch = opts.batch_sizes.iter().copied().max().unwrap_or(1);
     let kv_tokens = (max_batch * (opts.prompt_len + opts.decode_tokens + 1))
         .max(opts.prefill_prompts * (opts.prefill_len + 2));
-    let mut eng = load(opts, kv_tokens)?;
+    let mut eng = load(opts, backend, kv_tokens)?;
     let cfg = eng.executor().model().config().clone();
     let vocab = cfg.vocab_size;
     let weight_bytes = eng.executor().model().weight_bytes();
@@ -89,7 +99,7 @@ pub fn run(opts: &EngineBenchOptions) -> Result<EngineBenchReport> {
     } else {
         weight_bytes - embed_bytes
     };
-    let bw = kernels::measure_read_bandwidth_gbs();
+    let bw = memory_bandwidth_gbs;
     let bound = bw * 1e9 / bytes_per_step as f64;
 
     // Warm up: page in the weights, touch the KV cache.

@@ -6,11 +6,43 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use engine::backend::cpu::{kernels, CpuBackend};
-use engine::core::{EngineHandle, GenerateRequest, HandleOptions, SamplingParams};
+use engine::backend::cuda::{CudaBackend, CudaOptions};
+use engine::backend::Backend;
+use engine::core::{EngineHandle, GenerateRequest, HandleOptions, LlmEngine, SamplingParams};
 use engine::model::{build_engine, EngineOptions, ModelExecutor};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::models;
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    /// An NVIDIA GPU (needs a binary built with `--features cuda`).
+    Cuda,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct DeviceArgs {
+    #[arg(long, value_enum, default_value_t = Device::Cpu, env = "SWITCHYARD_DEVICE")]
+    pub device: Device,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0, env = "SWITCHYARD_CUDA_DEVICE")]
+    pub cuda_device: usize,
+    /// Fraction of GPU memory for weights, KV cache and activations (cuda only).
+    #[arg(long, default_value_t = 0.9, env = "SWITCHYARD_GPU_MEMORY_UTILIZATION")]
+    pub gpu_memory_utilization: f32,
+}
+
+impl DeviceArgs {
+    /// Opens the GPU; a missing driver or library is one line of error.
+    pub fn cuda_backend(&self) -> Result<CudaBackend> {
+        Ok(CudaBackend::new(CudaOptions {
+            device: self.cuda_device,
+            gpu_memory_utilization: self.gpu_memory_utilization,
+        })?)
+    }
+}
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -39,6 +71,8 @@ pub struct GenerateArgs {
     /// Compute threads (default: all cores).
     #[arg(long, env = "SWITCHYARD_THREADS")]
     threads: Option<usize>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(clap::Args)]
@@ -62,7 +96,16 @@ pub struct BenchEngineArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Device memory bandwidth for the batch-1 bound (default: measured on the host for
+    /// cpu; for cuda, the H100 copy rate measured in shared/GPU.md).
+    #[arg(long)]
+    memory_bandwidth_gbs: Option<f64>,
 }
+
+/// Device-to-device copy rate measured on the H100 (bytes read + written), shared/GPU.md.
+const H100_COPY_GBS: f64 = 3019.0;
 
 /// A progress bar that appears only if loading takes more than a moment.
 pub struct LoadProgress {
@@ -101,15 +144,14 @@ impl LoadProgress {
     }
 }
 
-fn load_cpu_engine(
+fn load_engine<B: Backend>(
     dir: &Path,
+    backend: B,
     opts: &EngineOptions,
-) -> Result<engine::core::LlmEngine<ModelExecutor<CpuBackend>>> {
+) -> Result<LlmEngine<ModelExecutor<B>>> {
     let mut progress = LoadProgress::new();
-    let eng = build_engine(dir, CpuBackend::new(), opts, &mut |d, t| {
-        progress.update(d, t)
-    })
-    .with_context(|| format!("loading {}", dir.display()))?;
+    let eng = build_engine(dir, backend, opts, &mut |d, t| progress.update(d, t))
+        .with_context(|| format!("loading {}", dir.display()))?;
     progress.finish();
     Ok(eng)
 }
@@ -118,10 +160,24 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(n) = args.threads {
         kernels::set_num_threads(n);
     }
-    let dir = models::resolve(args.model)?;
-    let tokenizer = tokens::Tokenizer::from_dir(&dir)?;
+    let dir = models::resolve(args.model.clone())?;
+    let opts = EngineOptions::default();
+    match args.device.device {
+        Device::Cpu => generate_on(args, load_engine(&dir, CpuBackend::new(), &opts)?, &dir),
+        Device::Cuda => {
+            let backend = args.device.cuda_backend()?;
+            generate_on(args, load_engine(&dir, backend, &opts)?, &dir)
+        }
+    }
+}
+
+fn generate_on<B: Backend>(
+    args: GenerateArgs,
+    eng: LlmEngine<ModelExecutor<B>>,
+    dir: &Path,
+) -> Result<()> {
+    let tokenizer = tokens::Tokenizer::from_dir(dir)?;
     let prompt_ids = tokenizer.encode(&args.prompt, true)?;
-    let eng = load_cpu_engine(&dir, &EngineOptions::default())?;
     let handle = EngineHandle::spawn(eng, HandleOptions::default());
     let req = GenerateRequest {
         prompt: prompt_ids.clone(),
@@ -190,7 +246,22 @@ pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
         prefill_len: args.prefill_len,
         threads: args.threads,
     };
-    let report = bench::engine_bench::run(&opts)?;
+    let report = match args.device.device {
+        Device::Cpu => match args.memory_bandwidth_gbs {
+            Some(bw) => {
+                if let Some(n) = opts.threads {
+                    kernels::set_num_threads(n);
+                }
+                bench::engine_bench::run_on(&opts, CpuBackend::new(), bw)?
+            }
+            None => bench::engine_bench::run(&opts)?,
+        },
+        Device::Cuda => {
+            let backend = args.device.cuda_backend()?;
+            let bw = args.memory_bandwidth_gbs.unwrap_or(H100_COPY_GBS);
+            bench::engine_bench::run_on(&opts, backend, bw)?
+        }
+    };
     bench::engine_bench::print_table(&report);
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)

@@ -2,6 +2,7 @@
 
 mod generate;
 mod models;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -24,6 +25,8 @@ enum Command {
     },
     /// Generate a completion for one prompt.
     Generate(generate::GenerateArgs),
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -90,6 +93,7 @@ fn main() -> Result<()> {
             command: ModelCommand::Synth(args),
         } => synth_model(args),
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench {
             command: BenchCommand::Engine(args),
         } => generate::bench_engine(args),

@@ -8,6 +8,10 @@
 //! [`Backend::to_host`] returns the logits the sampler needs.
 
 pub mod cpu;
+// Without the `cuda` feature a stand-in with the same API compiles instead, whose
+// constructor reports that CUDA support was not built, so callers need no `#[cfg]`.
+#[cfg_attr(not(feature = "cuda"), path = "cuda/stub.rs")]
+pub mod cuda;
 
 use crate::model::{HostTensor, ModelError};
 
@@ -162,4 +166,35 @@ pub trait Backend: Send + 'static {
     /// `out` = the step's logit rows of `x`.
     fn gather_logit_rows(&self, x: &Self::Act, step: &Self::Step, out: &mut Self::Act);
     fn to_host(&self, x: &Self::Act) -> Vec<f32>;
+
+    /// Bytes of device memory the KV cache may take, asked once the weights are loaded.
+    /// `None` (host backends) leaves the size to the caller's `kv_cache_bytes`.
+    fn kv_cache_budget(&self) -> Result<Option<usize>, ModelError> {
+        Ok(None)
+    }
+    /// Bytes per cached K or V value (sizes the cache from a byte budget).
+    fn kv_elem_bytes(&self) -> usize {
+        4
+    }
+    /// Whether [`Backend::argmax_rows`] runs on the device, sparing the logits' copy to
+    /// the host for greedy sampling.
+    fn has_device_argmax(&self) -> bool {
+        false
+    }
+    /// The index of each row's first maximum, computed where `x` lives; `None` if the
+    /// backend has no such kernel.
+    fn argmax_rows(&self, _x: &Self::Act) -> Option<Vec<u32>> {
+        None
+    }
+    /// Runs a greedy step as a recorded device graph (CUDA graphs) and returns each logit
+    /// row's argmax, recording the graph first when needed. `forward` runs the model over
+    /// the batch it is given (the backend may pad `batch` to a fixed size) and returns its
+    /// logits. `None`: nothing ran, and the caller runs the step eagerly.
+    fn greedy_graph_step(
+        &self,
+        _batch: &ForwardBatch,
+        _forward: &mut dyn FnMut(&Self, &ForwardBatch) -> Self::Act,
+    ) -> Option<Vec<u32>> {
+        None
+    }
 }

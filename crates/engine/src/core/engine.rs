@@ -6,6 +6,7 @@ use protocol::KvEvent;
 
 use super::block_pool::BlockPool;
 use super::request::{FinishReason, GenerateRequest, RequestId, SubmitError, TokenEvent};
+use super::sampler::Sampled;
 use super::scheduler::{Scheduler, SchedulerConfig};
 use super::sequence::Sequence;
 use crate::backend::{ForwardBatch, SeqSlice};
@@ -15,6 +16,13 @@ pub trait Executor: Send + 'static {
     fn vocab_size(&self) -> usize;
     /// Runs `batch` and returns the logits of its `logit_rows`, row-major `[rows, vocab]`.
     fn execute(&mut self, batch: &ForwardBatch) -> Vec<f32>;
+    /// Runs `batch` and returns the argmax token of each logit row, when the executor can
+    /// pick it on its device without copying the logits out. `None` means nothing ran and
+    /// the caller uses [`Executor::execute`]. Called only when every row samples greedily
+    /// with no penalties and no logprobs.
+    fn execute_greedy(&mut self, _batch: &ForwardBatch) -> Option<Vec<u32>> {
+        None
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -179,7 +187,24 @@ impl<E: Executor> LlmEngine<E> {
             }
         }
 
-        let logits = self.exec.execute(&batch);
+        let greedy_only = !samplers.is_empty()
+            && samplers.iter().all(|&i| {
+                let p = &self.sched.running[i].req.sampling;
+                p.is_greedy()
+                    && p.logprobs.is_none()
+                    && p.repetition_penalty == 1.0
+                    && p.presence_penalty == 0.0
+                    && p.frequency_penalty == 0.0
+            });
+        let device_tokens = if greedy_only {
+            self.exec.execute_greedy(&batch)
+        } else {
+            None
+        };
+        let logits = match device_tokens {
+            Some(_) => Vec::new(),
+            None => self.exec.execute(&batch),
+        };
         let vocab = self.exec.vocab_size();
 
         let mut finished = Vec::new();
@@ -188,13 +213,22 @@ impl<E: Executor> LlmEngine<E> {
             self.sched.commit_blocks(s.index);
         }
         for (row, &index) in samplers.iter().enumerate() {
-            self.logits_scratch.clear();
-            self.logits_scratch
-                .extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
+            if device_tokens.is_none() {
+                self.logits_scratch.clear();
+                self.logits_scratch
+                    .extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
+            }
             let seq = &mut self.sched.running[index];
-            let sampled = seq
-                .sampler
-                .sample(&seq.req.sampling, &mut self.logits_scratch);
+            let sampled = match &device_tokens {
+                Some(tokens) => Sampled {
+                    token: tokens[row],
+                    logprob: f32::NAN,
+                    top_logprobs: Vec::new(),
+                },
+                None => seq
+                    .sampler
+                    .sample(&seq.req.sampling, &mut self.logits_scratch),
+            };
             seq.sampler.record(sampled.token);
             seq.tokens.push(sampled.token);
             let finish = finish_reason(&self.cfg, seq, sampled.token);

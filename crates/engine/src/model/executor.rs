@@ -46,6 +46,31 @@ impl<B: Backend> Executor for ModelExecutor<B> {
         let logits = self.model.forward(&self.backend, &mut self.cache, batch);
         self.backend.to_host(&logits)
     }
+
+    fn execute_greedy(&mut self, batch: &ForwardBatch) -> Option<Vec<u32>> {
+        if !self.backend.has_device_argmax() {
+            return None;
+        }
+        let (model, cache) = (&self.model, &mut self.cache);
+        if let Some(ids) = self
+            .backend
+            .greedy_graph_step(batch, &mut |b, padded| model.forward(b, cache, padded))
+        {
+            return Some(ids);
+        }
+        let logits = self.model.forward(&self.backend, &mut self.cache, batch);
+        Some(self.backend.argmax_rows(&logits).unwrap_or_else(|| {
+            // A backend that claims the kernel but lacks it still samples correctly.
+            let vocab = self.model.config().vocab_size;
+            let host = self.backend.to_host(&logits);
+            host.chunks_exact(vocab)
+                .map(|row| {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    row.iter().position(|&x| x == max).unwrap_or(0) as u32
+                })
+                .collect()
+        }))
+    }
 }
 
 /// How to size and run an engine.
@@ -90,12 +115,13 @@ pub fn build_engine<B: Backend>(
     let model = Model::load(dir, &backend, progress)?;
     let cfg = model.config().clone();
     let spec = model.kv_cache_spec(1, opts.block_size);
-    // The CPU cache holds f32; device backends may use less, which only adds blocks.
-    let per_block = spec.bytes_per_token(4) * opts.block_size;
-    let num_blocks = opts
-        .num_blocks
-        .unwrap_or(opts.kv_cache_bytes / per_block)
-        .max(1);
+    let per_block = spec.bytes_per_token(backend.kv_elem_bytes()) * opts.block_size;
+    let num_blocks = match opts.num_blocks {
+        Some(n) => n,
+        // A device backend sizes the cache from the memory the weights left free.
+        None => backend.kv_cache_budget()?.unwrap_or(opts.kv_cache_bytes) / per_block,
+    }
+    .max(1);
     let max_model_len = opts
         .max_model_len
         .unwrap_or(cfg.max_position_embeddings)

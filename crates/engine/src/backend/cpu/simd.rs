@@ -96,7 +96,9 @@ pub fn exp<const FMA: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    // max/min drop NaN, so xc is always finite and the int conversion below is exact.
+    // max/min drop NaN (clamp would keep it), so xc is always finite and the int
+    // conversion below is exact.
+    #[allow(clippy::manual_clamp)]
     let xc = x.max(-87.336_55).min(88.722_83);
     let n = madd::<FMA>(xc, LOG2E, 0.5).floor();
     let r = madd::<FMA>(n, -LN2_HI, xc);

@@ -1,0 +1,485 @@
+//! Checks the CUDA backend against the CPU backend and times it, on the GPU machine.
+//! `scripts/gpu/check_and_bench.sh` runs it; it prints a short table last.
+//!
+//! ```text
+//! cuda_check check             # synth tiny/small models, compare CUDA with CPU
+//! cuda_check bench MODEL_DIR   # batch-1 decode, W1 (256 × 512 / 128), prefill 8 × 2048
+//! ```
+//!
+//! Checks: logits of mixed prefill/decode steps and of a step that reads a cached prefix
+//! (relative error ‖cuda − cpu‖ / ‖cpu‖ ≤ 2e-2), greedy agreement over 64 tokens, batch
+//! invariance (one sequence alone or among others gives the same tokens) and prefix-cache
+//! hit equivalence (the same prompt twice gives the same tokens).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use engine::backend::cpu::CpuBackend;
+use engine::backend::cuda::{CudaBackend, CudaOptions};
+use engine::backend::{Backend, ForwardBatch, SeqSlice};
+use engine::core::{Executor, GenerateRequest, LlmEngine};
+use engine::model::{build_engine, EngineOptions, Model, ModelExecutor};
+
+fn cuda() -> CudaBackend {
+    match CudaBackend::new(CudaOptions::default()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn synth(dir: &Path, arch: synth::Arch, size: synth::Size, dtype: synth::DType) -> PathBuf {
+    let out = dir.join(format!("{arch:?}-{size:?}-{dtype:?}").to_lowercase());
+    synth::synthesize(&synth::SynthOptions {
+        out: out.clone(),
+        arch,
+        size,
+        dtype,
+        seed: 7,
+        progress: false,
+    })
+    .expect("synth");
+    out
+}
+
+fn executor<B: Backend>(dir: &Path, b: B) -> ModelExecutor<B> {
+    let model = Model::load(dir, &b, &mut |_, _| {}).expect("load");
+    ModelExecutor::new(b, model, 64, 16).expect("cache")
+}
+
+/// One sequence of a hand-built step: tokens already cached, new tokens, its blocks.
+struct S {
+    cached: usize,
+    new: Vec<u32>,
+    blocks: Vec<u32>,
+}
+
+fn batch(seqs: &[S]) -> ForwardBatch {
+    let bs = 16;
+    let mut b = ForwardBatch {
+        block_size: bs,
+        ..ForwardBatch::default()
+    };
+    for s in seqs {
+        let q_start = b.token_ids.len();
+        for (i, &t) in s.new.iter().enumerate() {
+            let pos = s.cached + i;
+            b.token_ids.push(t);
+            b.positions.push(pos as u32);
+            b.slots
+                .push(s.blocks[pos / bs] * bs as u32 + (pos % bs) as u32);
+        }
+        b.seqs.push(SeqSlice {
+            q_start,
+            q_len: s.new.len(),
+            ctx_len: s.cached + s.new.len(),
+            block_table: s.blocks.clone(),
+        });
+        b.logit_rows.push((q_start + s.new.len() - 1) as u32);
+    }
+    b
+}
+
+fn rel_err(a: &[f32], r: &[f32]) -> f64 {
+    if a.len() != r.len() || a.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = a.iter().zip(r).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = r.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn toks(seed: u32, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((seed as usize * 7919 + i * 104_729 + 13) % vocab) as u32)
+        .collect()
+}
+
+/// Steps: a varlen prefill (5, 37, 70 tokens: tiles cross 64), a decode step of all three,
+/// then a fourth sequence sharing the first's two cached blocks (prefix hit) with 9 new
+/// tokens alongside a decode of the second. Returns the worst relative error.
+fn logits_check(dir: &Path) -> f64 {
+    let mut cpu = executor(dir, CpuBackend::new());
+    let mut gpu = executor(dir, cuda());
+    let v = cpu.vocab_size();
+    let (a, b, c) = (toks(1, 37, v), toks(2, 70, v), toks(3, 5, v));
+    let steps = [
+        batch(&[
+            S {
+                cached: 0,
+                new: c.clone(),
+                blocks: vec![10],
+            },
+            S {
+                cached: 0,
+                new: a.clone(),
+                blocks: vec![0, 1, 2],
+            },
+            S {
+                cached: 0,
+                new: b.clone(),
+                blocks: vec![3, 4, 5, 6, 7],
+            },
+        ]),
+        batch(&[
+            S {
+                cached: 5,
+                new: vec![11],
+                blocks: vec![10],
+            },
+            S {
+                cached: 37,
+                new: vec![12],
+                blocks: vec![0, 1, 2],
+            },
+            S {
+                cached: 70,
+                new: vec![13],
+                blocks: vec![3, 4, 5, 6, 7],
+            },
+        ]),
+        batch(&[
+            S {
+                cached: 32,
+                new: toks(4, 9, v),
+                blocks: vec![0, 1, 20],
+            },
+            S {
+                cached: 71,
+                new: vec![14],
+                blocks: vec![3, 4, 5, 6, 7],
+            },
+        ]),
+    ];
+    let mut worst: f64 = 0.0;
+    for (i, st) in steps.iter().enumerate() {
+        let r = cpu.execute(st);
+        let g = gpu.execute(st);
+        let e = rel_err(&g, &r);
+        println!(
+            "  step {i}: {} logit rows, rel err {e:.2e}",
+            st.logit_rows.len()
+        );
+        worst = worst.max(e);
+    }
+    worst
+}
+
+fn engine_of<B: Backend>(dir: &Path, b: B, prefix: bool) -> LlmEngine<ModelExecutor<B>> {
+    let opts = EngineOptions {
+        num_blocks: Some(512),
+        enable_prefix_caching: prefix,
+        ..EngineOptions::default()
+    };
+    build_engine(dir, b, &opts, &mut |_, _| {}).expect("engine")
+}
+
+/// Runs requests to completion and returns each one's output tokens, in request order.
+fn run<E: Executor>(eng: &mut LlmEngine<E>, reqs: Vec<GenerateRequest>) -> Vec<Vec<u32>> {
+    let n = reqs.len();
+    for (i, r) in reqs.into_iter().enumerate() {
+        eng.add_request(i as u64 + 1, r);
+    }
+    let mut out = vec![Vec::new(); n];
+    while eng.has_work() {
+        for (id, ev) in eng.step() {
+            if let Some(t) = ev.token {
+                out[id as usize - 1].push(t);
+            }
+        }
+    }
+    out
+}
+
+fn greedy(prompt: Vec<u32>, n: u32) -> GenerateRequest {
+    let mut r = GenerateRequest::greedy(prompt, n);
+    r.ignore_eos = true;
+    r
+}
+
+fn agree(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn check() -> bool {
+    let tmp = std::env::temp_dir().join(format!("switchyard-cuda-check-{}", std::process::id()));
+    let mut ok = true;
+    let mut table = Vec::new();
+    use synth::{Arch, DType, Size};
+    let models = [
+        (Arch::Llama, Size::Tiny, DType::F32),
+        (Arch::Qwen2, Size::Tiny, DType::Bf16),
+        (Arch::Qwen3, Size::Tiny, DType::Bf16),
+        (Arch::Mistral, Size::Tiny, DType::F16),
+        (Arch::Llama, Size::Small, DType::Bf16),
+    ];
+    for (arch, size, dtype) in models {
+        let dir = synth(&tmp, arch, size, dtype);
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        println!("{name}: logits");
+        let e = logits_check(&dir);
+        let pass = e <= 2e-2;
+        ok &= pass;
+        table.push(format!(
+            "| logits {name} | rel err {e:.2e} | ≤ 2e-2 | {} |",
+            verdict(pass)
+        ));
+    }
+
+    // Greedy agreement over 64 tokens on the tiny model (f32 weights become bf16 on the
+    // GPU, so the two may part ways after a while: report where).
+    let tiny = synth(&tmp, Arch::Llama, Size::Tiny, DType::F32);
+    let small = synth(&tmp, Arch::Llama, Size::Small, DType::Bf16);
+    for (name, dir) in [("tiny f32", &tiny), ("small bf16", &small)] {
+        let mut cpu = engine_of(dir, CpuBackend::new(), false);
+        let mut gpu = engine_of(dir, cuda(), false);
+        let v = gpu.executor().vocab_size();
+        let prompts: Vec<Vec<u32>> = (0..4)
+            .map(|i| toks(50 + i, 12 + 7 * i as usize, v))
+            .collect();
+        let c = run(
+            &mut cpu,
+            prompts.iter().map(|p| greedy(p.clone(), 64)).collect(),
+        );
+        let g = run(
+            &mut gpu,
+            prompts.iter().map(|p| greedy(p.clone(), 64)).collect(),
+        );
+        let agreed: Vec<usize> = c.iter().zip(&g).map(|(a, b)| agree(a, b)).collect();
+        println!("greedy agreement {name}: {agreed:?} of 64");
+        table.push(format!(
+            "| greedy agreement {name} (4 prompts) | {agreed:?} / 64 | report | info |"
+        ));
+    }
+
+    // Batch invariance: a sequence alone and among 7 others of other lengths.
+    {
+        let mut gpu = engine_of(&small, cuda(), false);
+        let v = gpu.executor().vocab_size();
+        let target = toks(99, 45, v);
+        let alone = run(&mut gpu, vec![greedy(target.clone(), 32)]);
+        let mut reqs = vec![greedy(target.clone(), 32)];
+        reqs.extend((0..7).map(|i| greedy(toks(200 + i, 10 + 13 * i as usize, v), 32)));
+        let together = run(&mut gpu, reqs);
+        let n = agree(&alone[0], &together[0]);
+        println!("batch invariance: {n} of 32 tokens equal");
+        let pass = n == 32;
+        ok &= pass;
+        table.push(format!(
+            "| batch invariance (small) | {n} / 32 | 32 | {} |",
+            verdict(pass)
+        ));
+    }
+
+    // Prefix-cache hit: the second run of a prompt reuses cached blocks.
+    {
+        let mut gpu = engine_of(&small, cuda(), true);
+        let v = gpu.executor().vocab_size();
+        let p = toks(300, 100, v);
+        let first = run(&mut gpu, vec![greedy(p.clone(), 32)]);
+        let hits0 = gpu.stats().prefix_hit_tokens;
+        let second = run(&mut gpu, vec![greedy(p.clone(), 32)]);
+        let hits = gpu.stats().prefix_hit_tokens - hits0;
+        let n = agree(&first[0], &second[0]);
+        println!("prefix cache: {hits} prompt tokens hit, {n} of 32 tokens equal");
+        let pass = n == 32 && hits > 0;
+        ok &= pass;
+        table.push(format!(
+            "| prefix-cache hit ({hits} tokens hit) | {n} / 32 | 32 | {} |",
+            verdict(pass)
+        ));
+    }
+    // CUDA graphs: decode steps replayed from recorded graphs give exactly the greedy tokens
+    // of eager steps, alone (bucket 1) and in a batch that shrinks as requests finish (so
+    // padded buckets), with prefill steps (eager) in between.
+    for (name, dir) in [("tiny f32", &tiny), ("small bf16", &small)] {
+        let mut eager = engine_of(dir, cuda(), false);
+        eager.executor().backend().set_cuda_graphs(false);
+        let mut graphed = engine_of(dir, cuda(), false);
+        graphed.executor().backend().set_cuda_graphs(true);
+        let v = graphed.executor().vocab_size();
+        let one = || vec![greedy(toks(400, 37, v), 48)];
+        let mixed = || {
+            (0..6)
+                .map(|i| greedy(toks(500 + i, 9 + 11 * i as usize, v), 12 + 9 * i))
+                .collect::<Vec<_>>()
+        };
+        for (what, reqs) in [("batch 1", one()), ("mixed batch of 6", mixed())] {
+            let want: Vec<usize> = reqs.iter().map(|r| r.max_tokens as usize).collect();
+            let e = run(&mut eager, reqs.clone());
+            let g = run(&mut graphed, reqs);
+            let same: Vec<usize> = e.iter().zip(&g).map(|(a, b)| agree(a, b)).collect();
+            let buckets = graphed.executor().backend().cuda_graph_buckets();
+            println!("graphs vs eager, {name}, {what}: {same:?} of {want:?} (graphs {buckets:?})");
+            let pass = same == want && e == g && !buckets.is_empty();
+            ok &= pass;
+            table.push(format!(
+                "| graphs vs eager, {name}, {what} (graphs {buckets:?}) | {same:?} | {want:?} | {} |",
+                verdict(pass)
+            ));
+        }
+    }
+
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!("\n| check | measured | target | result |\n|---|---|---|---|");
+    for l in table {
+        println!("{l}");
+    }
+    ok
+}
+
+fn verdict(pass: bool) -> &'static str {
+    if pass {
+        "pass"
+    } else {
+        "FAIL"
+    }
+}
+
+fn bench(dir: &Path, what: &[String]) {
+    let backend = cuda();
+    println!(
+        "device: {}; CUDA graphs {}",
+        backend.describe(),
+        if backend.cuda_graphs() { "on" } else { "off" }
+    );
+    let opts = EngineOptions {
+        max_batched_tokens: 8192,
+        max_num_seqs: 256,
+        enable_prefix_caching: false,
+        ..EngineOptions::default()
+    };
+    let t = Instant::now();
+    let mut eng = build_engine(dir, backend, &opts, &mut |_, _| {}).expect("engine");
+    let cfg = eng.executor().model().config().clone();
+    let weight_bytes = eng.executor().model().weight_bytes();
+    println!(
+        "loaded {:.2} GB in {:.1} s; KV cache {} blocks of 16",
+        weight_bytes as f64 / 1e9,
+        t.elapsed().as_secs_f64(),
+        eng.stats().blocks_total
+    );
+    let v = cfg.vocab_size;
+    let mut id = 1u64;
+    let mut add = |eng: &mut LlmEngine<_>, p: Vec<u32>, n: u32| {
+        eng.add_request(id, greedy(p, n));
+        id += 1;
+    };
+    // Warm-up: kernels, cuBLAS heuristics, memory pool.
+    for i in 0..4 {
+        add(&mut eng, toks(i, 600, v), 8);
+    }
+    while eng.has_work() {
+        eng.step();
+    }
+    let mut rows = Vec::new();
+    // Batch-1 decode: bytes read per step = every weight but the embedding table.
+    let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
+    let embed = 2 * vocab * h;
+    let step_bytes = if cfg.tie_word_embeddings {
+        weight_bytes
+    } else {
+        weight_bytes - embed
+    };
+    let bw = 3.019e12;
+    if what.iter().any(|w| w == "decode") {
+        add(&mut eng, toks(7, 128, v), 257);
+        eng.step(); // prefill
+        let mut times = Vec::new();
+        while eng.has_work() {
+            let t = Instant::now();
+            eng.step();
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let med = times[times.len() / 2];
+        let roof = bw / step_bytes as f64;
+        rows.push(format!(
+            "| decode batch 1 (128 in, 256 out) | {:.1} tok/s ({:.2} ms/step, median) | {:.1} tok/s roofline ({:.0}%) |",
+            1.0 / med,
+            med * 1e3,
+            roof,
+            100.0 / med / roof
+        ));
+        println!("{}", rows.last().unwrap());
+    }
+    if what.iter().any(|w| w == "prefill") {
+        for i in 0..8 {
+            add(&mut eng, toks(1000 + i, 2048, v), 1);
+        }
+        let t = Instant::now();
+        while eng.has_work() {
+            eng.step();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let tokens = 8.0 * 2048.0;
+        let params = (weight_bytes / 2 - vocab * h) as f64;
+        let attn = 4.0
+            * cfg.num_layers as f64
+            * (cfg.num_heads * cfg.head_dim) as f64
+            * 8.0
+            * 2048.0
+            * 2048.0
+            / 2.0;
+        let flops = 2.0 * params * tokens + attn;
+        let mfu = flops / secs / 808e12;
+        rows.push(format!(
+            "| prefill 8 × 2048 | {:.0} tok/s, {:.0} TFLOP/s | MFU {:.0}% of 808 TFLOP/s (target 60%) |",
+            tokens / secs,
+            flops / secs / 1e12,
+            100.0 * mfu
+        ));
+        println!("{}", rows.last().unwrap());
+    }
+    if what.iter().any(|w| w == "w1") {
+        for i in 0..256 {
+            add(&mut eng, toks(5000 + i, 512, v), 128);
+        }
+        let t = Instant::now();
+        let mut out = 0usize;
+        while eng.has_work() {
+            out += eng.step().iter().filter(|(_, e)| e.token.is_some()).count();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        rows.push(format!(
+            "| W1 256 × 512 in / 128 out | {:.0} output tok/s ({out} tokens, {secs:.2} s) | target 4,500; limit ≈ 6,000 |",
+            out as f64 / secs
+        ));
+        println!("{}", rows.last().unwrap());
+    }
+    println!("\n| benchmark | measured | limit |\n|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("check") => {
+            if check() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Some("bench") if args.len() >= 2 => {
+            let what: Vec<String> = if args.len() > 2 {
+                args[2..].to_vec()
+            } else {
+                vec!["decode".into(), "prefill".into(), "w1".into()]
+            };
+            bench(Path::new(&args[1]), &what);
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!(
+                "usage: cuda_check check | cuda_check bench MODEL_DIR [decode] [prefill] [w1]"
+            );
+            ExitCode::from(2)
+        }
+    }
+}

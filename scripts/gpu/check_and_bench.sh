@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Checks and times the CUDA backend on the GPU machine. Builds nothing: it runs release
+# binaries built on the development machine (see docs/gpu.md for the build commands).
+#
+#   scripts/gpu/check_and_bench.sh [BIN_DIR] [STAGES...]
+#
+# BIN_DIR holds `switchyard` and `cuda_check` (default gpu-bin). STAGES: check, synth,
+# bench, eager (batch-1 decode with CUDA graphs off, for comparison), cli (default: all). Logs go to $OUT (or /tmp/switchyard-gpu); tables print last.
+set -uo pipefail
+BIN=${1:-gpu-bin}
+shift || true
+STAGES=${*:-check synth bench eager cli}
+LOG=${OUT:-/tmp/switchyard-gpu}
+mkdir -p "$LOG"
+M8B=${M8B:-/tmp/m8b}
+
+# cudarc dlopen()s libcuda, libcublas(Lt) and libnvrtc: find the toolkit's and the
+# Python wheels' lib folders at run time rather than hard-coding them.
+libs=()
+if command -v nvcc >/dev/null; then
+    root=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    for d in "$root/lib64" "$root/lib" "$root"/targets/*/lib; do [ -d "$d" ] && libs+=("$d"); done
+fi
+sp=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)
+for d in "$sp"/nvidia/*/lib; do [ -d "$d" ] && libs+=("$d"); done
+LD_LIBRARY_PATH=$(IFS=:; echo "${libs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export LD_LIBRARY_PATH
+export SWITCHYARD_CACHE_DIR=${SWITCHYARD_CACHE_DIR:-/tmp/switchyard-cache}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee "$LOG/gpu.txt"
+date -u | tee -a "$LOG/gpu.txt"
+rc=0
+for stage in $STAGES; do
+    case $stage in
+    check)
+        "$BIN/cuda_check" check 2>&1 | tee "$LOG/check.log" || rc=1 ;;
+    synth)
+        [ -f "$M8B/config.json" ] || { time "$BIN/switchyard" model synth --size 8b --out "$M8B"; } 2>&1 | tail -3 ;;
+    bench)
+        "$BIN/cuda_check" bench "$M8B" 2>&1 | tee "$LOG/bench.log" || rc=1 ;;
+    eager)
+        SWITCHYARD_CUDA_GRAPHS=0 "$BIN/cuda_check" bench "$M8B" decode 2>&1 \
+            | sed 's/^| decode batch 1/| decode batch 1, graphs off/' | tee "$LOG/bench_eager.log" || rc=1 ;;
+    cli)
+        "$BIN/switchyard" bench engine --device cuda --model "$M8B" --batch 1,32,256 \
+            --prompt-len 512 --decode-tokens 64 --prefill-prompts 8 --prefill-len 2048 \
+            --json "$LOG/bench_engine.json" 2>&1 | tee "$LOG/bench_engine.log" || rc=1 ;;
+    esac
+done
+echo "== summary =="
+grep -h '^|' "$LOG/check.log" "$LOG/bench.log" "$LOG/bench_eager.log" "$LOG/bench_engine.log" 2>/dev/null
+exit $rc
