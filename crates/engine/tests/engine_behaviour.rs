@@ -319,3 +319,36 @@ fn bounded_admission_answers_queue_full() {
     drop((a, b));
     handle.shutdown();
 }
+
+#[test]
+fn bf16_model_uses_half_kv_and_its_paths_agree() {
+    // Half-precision weights switch the KV cache to bf16: the same byte budget holds twice
+    // the blocks, and chunking, batching and prefix hits still give identical tokens.
+    let dir = synth_tiny(synth::Arch::Llama, synth::DType::Bf16, 11);
+    let f32_dir = llama();
+    let budget = engine::model::EngineOptions {
+        kv_cache_bytes: 1 << 20,
+        ..engine::model::EngineOptions::default()
+    };
+    let half = engine(dir.path(), budget.clone());
+    let full = engine(f32_dir.path(), budget);
+    assert_eq!(half.stats().blocks_total, 2 * full.stats().blocks_total);
+
+    let shared = prompt(21, 50, VOCAB);
+    let mut longer = shared.clone();
+    longer.extend(prompt(22, 11, VOCAB));
+    let mut cold = engine(dir.path(), opts(64, 16));
+    let want = run_all(&mut cold, vec![greedy(longer.clone(), 20)], 1);
+
+    let mut o = opts(64, 16);
+    o.max_batched_tokens = 24;
+    let mut warm = engine(dir.path(), o);
+    run_all(&mut warm, vec![greedy(shared, 3)], 1);
+    let got = run_all(
+        &mut warm,
+        vec![greedy(longer, 20), greedy(prompt(23, 40, VOCAB), 20)],
+        2,
+    );
+    assert_eq!(got[0].cached_prompt_tokens, 48);
+    assert_eq!(got[0].tokens, want[0].tokens);
+}

@@ -7,7 +7,7 @@
 //! results do not depend on batch composition or prefill chunking.
 
 use super::simd::{self, madd};
-use super::{kernels, SharedMut};
+use super::{kernels, KvData, SharedMut};
 use crate::backend::SeqSlice;
 
 /// Query rows per task during prefill: enough work per task to amortise streaming K/V,
@@ -20,8 +20,8 @@ pub(super) struct AttnArgs<'a> {
     pub qkv: &'a [f32],
     pub qkv_cols: usize,
     /// This layer's cache, `[block][kv_head][offset][head_dim]`.
-    pub k_cache: &'a [f32],
-    pub v_cache: &'a [f32],
+    pub k_cache: &'a KvData,
+    pub v_cache: &'a KvData,
     pub block_size: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
@@ -91,6 +91,9 @@ fn task_body<const FMA: bool>(a: &AttnArgs<'_>, t: &Task, out: SharedMut, out_co
     let mut l = vec![0f32; rows];
     let mut pos = vec![0usize; rows];
     let mut s = vec![0f32; bs];
+    // bf16 blocks are widened here once per task, then shared by all its rows.
+    let mut kbuf = Vec::new();
+    let mut vbuf = Vec::new();
     let first_pos = seq.ctx_len - seq.q_len;
     for i in 0..t.q1 - t.q0 {
         let row = &a.qkv[(seq.q_start + t.q0 + i) * a.qkv_cols..];
@@ -110,9 +113,10 @@ fn task_body<const FMA: bool>(a: &AttnArgs<'_>, t: &Task, out: SharedMut, out_co
     let num_blocks = (last_pos + 1).div_ceil(bs);
     for b in 0..num_blocks {
         let base = ((seq.block_table[b] as usize * a.num_kv_heads + t.kv_head) * bs) * hd;
-        let kb = &a.k_cache[base..base + bs * hd];
-        let vb = &a.v_cache[base..base + bs * hd];
         let block_start = b * bs;
+        let valid = (seq.ctx_len - block_start).min(bs) * hd;
+        let kb = widen(a.k_cache, base, valid, &mut kbuf);
+        let vb = widen(a.v_cache, base, valid, &mut vbuf);
         for r in 0..rows {
             // Keys this row may see in this block (causal).
             if pos[r] < block_start {
@@ -178,6 +182,24 @@ fn accumulate_values<const FMA: bool>(p: &[f32], v: &[f32], hd: usize, acc: &mut
     if c < hd {
         for (j, &pj) in p.iter().enumerate() {
             simd::axpy::<FMA>(pj, &v[j * hd + c..(j + 1) * hd], &mut acc[c..]);
+        }
+    }
+}
+
+/// The f32 values `data[base..base + len]`, borrowed when stored as f32, else widened from
+/// bf16 into `buf`.
+#[inline(always)]
+fn widen<'a>(data: &'a KvData, base: usize, len: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+    match data {
+        KvData::F32(d) => &d[base..base + len],
+        KvData::Bf16(d) => {
+            buf.clear();
+            buf.extend(
+                d[base..base + len]
+                    .iter()
+                    .map(|&x| f32::from_bits(u32::from(x) << 16)),
+            );
+            buf
         }
     }
 }

@@ -1045,11 +1045,7 @@ impl Backend for CudaBackend {
             &self.k.bf16_to_f32,
             (grid(n, 256), 1, 1),
             256,
-            &[
-                A::P(self.act_ptr(x)),
-                A::P(self.ptr(&wide)),
-                A::L(n as i64),
-            ],
+            &[A::P(self.act_ptr(x)), A::P(self.ptr(&wide)), A::L(n as i64)],
             "bf16_to_f32",
         );
         check(self.stream.clone_dtoh(&wide), "copying logits to the host")
