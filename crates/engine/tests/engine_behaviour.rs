@@ -316,7 +316,23 @@ fn bounded_admission_answers_queue_full() {
     let b = handle.submit(greedy(prompt(2, 8, VOCAB), 500)).unwrap();
     let c = handle.submit(greedy(prompt(3, 8, VOCAB), 500));
     assert!(matches!(c, Err(SubmitError::QueueFull(_))), "{:?}", c.err());
-    drop((a, b));
+    drop(b);
+    // All or nothing: two more do not fit beside `a`, one does.
+    let many = handle.submit_many(vec![
+        greedy(prompt(4, 8, VOCAB), 5),
+        greedy(prompt(5, 8, VOCAB), 5),
+    ]);
+    assert!(matches!(many, Err(SubmitError::QueueFull(_))));
+    let mut wait = 0;
+    while handle.pending() > 1 && wait < 2000 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        wait += 1;
+    }
+    let one = handle
+        .submit_many(vec![greedy(prompt(6, 8, VOCAB), 5)])
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    drop((a, one));
     handle.shutdown();
 }
 

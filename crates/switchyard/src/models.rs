@@ -34,6 +34,7 @@ pub fn resolve(given: Option<PathBuf>) -> Result<PathBuf> {
     }
     let parent = dir.parent().expect("has a parent");
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    remove_abandoned_temp_dirs(parent);
     // Write beside the target and rename, so an interrupted run leaves no half model.
     let tmp = parent.join(format!(".tmp-{}", std::process::id()));
     eprintln!(
@@ -57,4 +58,22 @@ pub fn resolve(given: Option<PathBuf>) -> Result<PathBuf> {
         Err(e) => return Err(e).with_context(|| format!("moving model into {}", dir.display())),
     }
     Ok(dir)
+}
+
+/// Removes `.tmp-<pid>` directories left by runs that were stopped mid-synthesis (their
+/// process no longer exists).
+fn remove_abandoned_temp_dirs(parent: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(".tmp-")) else {
+            continue;
+        };
+        let alive = std::path::Path::new("/proc").join(pid).exists();
+        if !alive && pid.parse::<u32>().is_ok() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }

@@ -35,7 +35,7 @@ pub struct EngineConfig {
 }
 
 /// Counters for metrics and tests.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct EngineStats {
     pub running: usize,
     pub waiting: usize,

@@ -90,28 +90,47 @@ impl EngineHandle {
 
     /// Validates and queues a request; its events arrive on the returned stream.
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, SubmitError> {
+        let mut streams = self.submit_many(vec![req])?;
+        Ok(streams.pop().expect("one stream per request"))
+    }
+
+    /// Validates and queues several requests (e.g. the `n` choices of one API call), all
+    /// or none: either every request is admitted or none is.
+    pub fn submit_many(
+        &self,
+        reqs: Vec<GenerateRequest>,
+    ) -> Result<Vec<RequestStream>, SubmitError> {
         let s = &self.shared;
         if s.closed.load(Ordering::Acquire) {
             return Err(SubmitError::ShuttingDown);
         }
-        validate_request(&req, s.vocab_size, s.max_model_len, s.kv_capacity_tokens)?;
-        let pending = s.pending.fetch_add(1, Ordering::AcqRel);
-        if pending >= s.max_pending {
-            s.pending.fetch_sub(1, Ordering::AcqRel);
+        for req in &reqs {
+            validate_request(req, s.vocab_size, s.max_model_len, s.kv_capacity_tokens)?;
+        }
+        let n = reqs.len();
+        let pending = s.pending.fetch_add(n, Ordering::AcqRel);
+        if pending + n > s.max_pending {
+            s.pending.fetch_sub(n, Ordering::AcqRel);
             return Err(SubmitError::QueueFull(pending));
         }
-        let id = s.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(req.max_tokens as usize + 1);
-        if s.cmd.try_send(Command::Add(id, req, tx)).is_err() {
-            s.pending.fetch_sub(1, Ordering::AcqRel);
-            return Err(SubmitError::ShuttingDown);
+        let mut streams = Vec::with_capacity(n);
+        for (i, req) in reqs.into_iter().enumerate() {
+            let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = mpsc::channel(req.max_tokens as usize + 1);
+            if s.cmd.try_send(Command::Add(id, req, tx)).is_err() {
+                // Those already sent are aborted when `streams` drops; the rest were
+                // never queued, so their reservations are returned here.
+                s.pending.fetch_sub(n - i, Ordering::AcqRel);
+                return Err(SubmitError::ShuttingDown);
+            }
+            streams.push(RequestStream {
+                id,
+                rx,
+                handle: self.clone(),
+                done: false,
+            });
         }
-        Ok(RequestStream {
-            id,
-            rx,
-            handle: self.clone(),
-            done: false,
-        })
+        Ok(streams)
     }
 
     /// Aborts a request; its stream ends with `FinishReason::Abort`.
