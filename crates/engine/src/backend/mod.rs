@@ -167,6 +167,11 @@ pub trait Backend: Send + 'static {
     fn gather_logit_rows(&self, x: &Self::Act, step: &Self::Step, out: &mut Self::Act);
     fn to_host(&self, x: &Self::Act) -> Vec<f32>;
 
+    /// Sums `x` across the tensor-parallel group, in place, on every rank (called after
+    /// the attention output and MLP down projections). A backend outside any group leaves
+    /// `x` as it is.
+    fn all_reduce(&self, _x: &mut Self::Act) {}
+
     /// Bytes of device memory the KV cache may take, asked once the weights are loaded.
     /// `None` (host backends) leaves the size to the caller's `kv_cache_bytes`.
     fn kv_cache_budget(&self) -> Result<Option<usize>, ModelError> {

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use super::{Model, ModelError};
+use super::{Checkpoint, Model, ModelConfig, ModelError, TpShard};
+use crate::backend::cpu::{CpuBackend, CpuComm};
 use crate::backend::{Backend, ForwardBatch};
 use crate::core::{EngineConfig, Executor, LlmEngine, SchedulerConfig};
 
@@ -122,23 +123,95 @@ pub fn build_engine<B: Backend>(
         None => backend.kv_cache_budget()?.unwrap_or(opts.kv_cache_bytes) / per_block,
     }
     .max(1);
+    let exec = ModelExecutor::new(backend, model, num_blocks, opts.block_size)?;
+    Ok(LlmEngine::new(engine_config(&cfg, opts, num_blocks), exec))
+}
+
+fn engine_config(cfg: &ModelConfig, opts: &EngineOptions, num_blocks: usize) -> EngineConfig {
     let max_model_len = opts
         .max_model_len
         .unwrap_or(cfg.max_position_embeddings)
         .min(cfg.max_position_embeddings);
-    let exec = ModelExecutor::new(backend, model, num_blocks, opts.block_size)?;
-    Ok(LlmEngine::new(
-        EngineConfig {
-            scheduler: SchedulerConfig {
-                block_size: opts.block_size,
-                num_blocks,
-                max_batched_tokens: opts.max_batched_tokens,
-                max_num_seqs: opts.max_num_seqs,
-                enable_prefix_caching: opts.enable_prefix_caching,
-            },
-            max_model_len,
-            eos_token_ids: cfg.eos_token_ids.clone(),
+    EngineConfig {
+        scheduler: SchedulerConfig {
+            block_size: opts.block_size,
+            num_blocks,
+            max_batched_tokens: opts.max_batched_tokens,
+            max_num_seqs: opts.max_num_seqs,
+            enable_prefix_caching: opts.enable_prefix_caching,
         },
-        exec,
+        max_model_len,
+        eos_token_ids: cfg.eos_token_ids.clone(),
+    }
+}
+
+/// Tensor parallelism emulated on the CPU: `world` shards of one model, each on its own
+/// thread during a step, joined by an in-process all-reduce. It proves the sharding math
+/// that multi-GPU backends use, with no GPU; it is not a way to run faster on a CPU.
+pub struct CpuTpExecutor {
+    shards: Vec<ModelExecutor<CpuBackend>>,
+}
+
+impl CpuTpExecutor {
+    pub fn world(&self) -> usize {
+        self.shards.len()
+    }
+}
+
+impl Executor for CpuTpExecutor {
+    fn vocab_size(&self) -> usize {
+        self.shards[0].vocab_size()
+    }
+
+    fn execute(&mut self, batch: &ForwardBatch) -> Vec<f32> {
+        let (first, rest) = self.shards.split_first_mut().expect("at least one shard");
+        std::thread::scope(|scope| {
+            for shard in rest {
+                // Every rank ends with the same logits after the all-reduces; rank 0's are
+                // returned.
+                scope.spawn(move || shard.execute(batch));
+            }
+            first.execute(batch)
+        })
+    }
+}
+
+/// Loads `dir` as `world` tensor-parallel shards on the CPU.
+pub fn build_cpu_tp_engine(
+    dir: &Path,
+    world: usize,
+    opts: &EngineOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LlmEngine<CpuTpExecutor>, ModelError> {
+    if opts.block_size == 0 {
+        return Err(ModelError::Backend("block_size must be positive".into()));
+    }
+    let cfg = ModelConfig::from_dir(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let comm = CpuComm::new(world.max(1));
+    let mut shards = Vec::with_capacity(world);
+    let mut num_blocks = 0;
+    for rank in 0..world.max(1) {
+        let backend = CpuBackend::with_comm(rank, comm.clone());
+        let shard = TpShard { rank, world };
+        let model = Model::from_checkpoint_shard(cfg.clone(), &ckpt, &backend, shard, progress)?;
+        if rank == 0 {
+            let spec = model.kv_cache_spec(1, opts.block_size);
+            let per_block = spec.bytes_per_token(backend.kv_elem_bytes()) * opts.block_size;
+            num_blocks = opts
+                .num_blocks
+                .unwrap_or(opts.kv_cache_bytes / per_block)
+                .max(1);
+        }
+        shards.push(ModelExecutor::new(
+            backend,
+            model,
+            num_blocks,
+            opts.block_size,
+        )?);
+    }
+    Ok(LlmEngine::new(
+        engine_config(&cfg, opts, num_blocks),
+        CpuTpExecutor { shards },
     ))
 }

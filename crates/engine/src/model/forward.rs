@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use super::shard::{slice, Split, TpShard};
 use super::{Checkpoint, HostTensor, ModelConfig, ModelError};
 use crate::backend::{AttnLayout, Backend, ForwardBatch, KvCacheSpec, QkNorm};
 
@@ -30,8 +31,46 @@ pub struct Model<B: Backend> {
     norm: B::Vector,
     layers: Vec<Layer<B>>,
     rope_inv_freq: Vec<f32>,
+    /// This rank's attention heads (all of them without tensor parallelism).
     layout: AttnLayout,
+    /// This rank's share of the MLP's intermediate features.
+    intermediate: usize,
+    shard: TpShard,
     weight_bytes: usize,
+}
+
+/// Uploads `parts`, each cut to this rank's split, as one fused matrix.
+fn upload_matrix<B: Backend>(
+    backend: &B,
+    parts: &[(HostTensor<'_>, Split)],
+) -> Result<B::Weight, ModelError> {
+    let owned = parts
+        .iter()
+        .map(|(t, s)| slice(t, s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let views: Vec<HostTensor<'_>> = parts
+        .iter()
+        .zip(&owned)
+        .map(|((t, _), o)| o.as_ref().map_or(*t, |o| o.view()))
+        .collect();
+    backend.upload_matrix(&views)
+}
+
+/// As [`upload_matrix`], for 1-D parameters.
+fn upload_vector<B: Backend>(
+    backend: &B,
+    parts: &[(HostTensor<'_>, Split)],
+) -> Result<B::Vector, ModelError> {
+    let owned = parts
+        .iter()
+        .map(|(t, s)| slice(t, s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let views: Vec<HostTensor<'_>> = parts
+        .iter()
+        .zip(&owned)
+        .map(|((t, _), o)| o.as_ref().map_or(*t, |o| o.view()))
+        .collect();
+    backend.upload_vector(&views)
 }
 
 impl<B: Backend> Model<B> {
@@ -53,7 +92,31 @@ impl<B: Backend> Model<B> {
         backend: &B,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self, ModelError> {
+        Self::from_checkpoint_shard(config, ckpt, backend, TpShard::SINGLE, progress)
+    }
+
+    /// Loads rank `shard.rank`'s slice of the weights for tensor parallelism.
+    pub fn from_checkpoint_shard(
+        config: ModelConfig,
+        ckpt: &Checkpoint,
+        backend: &B,
+        shard: TpShard,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
+        shard.validate(&config).map_err(|msg| ModelError::Config {
+            path: "config.json".into(),
+            msg,
+        })?;
         let c = &config;
+        let hd = c.head_dim;
+        let heads = shard.heads(c);
+        let kv_heads = shard.kv_heads(c);
+        let inter_range = shard.intermediate(c);
+        let q_rows = Split::Rows(heads.start * hd..heads.end * hd);
+        let kv_rows = Split::Rows(kv_heads.start * hd..kv_heads.end * hd);
+        let q_cols = Split::Cols(heads.start * hd..heads.end * hd);
+        let inter_rows = Split::Rows(inter_range.clone());
+        let inter_cols = Split::Cols(inter_range.clone());
         let (h, q, kv, inter, v) = (
             c.hidden_size,
             c.q_size(),
@@ -76,21 +139,37 @@ impl<B: Backend> Model<B> {
             let p = format!("model.layers.{i}");
             let attn = format!("{p}.self_attn");
             let mlp = format!("{p}.mlp");
-            let qkv = backend.upload_matrix(&[
-                get(format!("{attn}.q_proj.weight"), &[q, h])?,
-                get(format!("{attn}.k_proj.weight"), &[kv, h])?,
-                get(format!("{attn}.v_proj.weight"), &[kv, h])?,
-            ])?;
+            let qkv = upload_matrix(
+                backend,
+                &[
+                    (
+                        get(format!("{attn}.q_proj.weight"), &[q, h])?,
+                        q_rows.clone(),
+                    ),
+                    (
+                        get(format!("{attn}.k_proj.weight"), &[kv, h])?,
+                        kv_rows.clone(),
+                    ),
+                    (
+                        get(format!("{attn}.v_proj.weight"), &[kv, h])?,
+                        kv_rows.clone(),
+                    ),
+                ],
+            )?;
             let qkv_bias = if c.qkv_bias {
-                Some(backend.upload_vector(&[
-                    get(format!("{attn}.q_proj.bias"), &[q])?,
-                    get(format!("{attn}.k_proj.bias"), &[kv])?,
-                    get(format!("{attn}.v_proj.bias"), &[kv])?,
-                ])?)
+                Some(upload_vector(
+                    backend,
+                    &[
+                        (get(format!("{attn}.q_proj.bias"), &[q])?, q_rows.clone()),
+                        (get(format!("{attn}.k_proj.bias"), &[kv])?, kv_rows.clone()),
+                        (get(format!("{attn}.v_proj.bias"), &[kv])?, kv_rows.clone()),
+                    ],
+                )?)
             } else {
                 None
             };
-            let o_bias = if c.o_bias {
+            // The bias joins the partial sums once: on rank 0.
+            let o_bias = if c.o_bias && shard.rank == 0 {
                 Some(backend.upload_vector(&[get(format!("{attn}.o_proj.bias"), &[h])?])?)
             } else {
                 None
@@ -115,18 +194,38 @@ impl<B: Backend> Model<B> {
                     .upload_vector(&[get(format!("{p}.input_layernorm.weight"), &[h])?])?,
                 qkv,
                 qkv_bias,
-                o: backend.upload_matrix(&[get(format!("{attn}.o_proj.weight"), &[h, q])?])?,
+                o: upload_matrix(
+                    backend,
+                    &[(
+                        get(format!("{attn}.o_proj.weight"), &[h, q])?,
+                        q_cols.clone(),
+                    )],
+                )?,
                 o_bias,
                 q_norm,
                 k_norm,
                 post_norm: backend
                     .upload_vector(&[get(format!("{p}.post_attention_layernorm.weight"), &[h])?])?,
-                gate_up: backend.upload_matrix(&[
-                    get(format!("{mlp}.gate_proj.weight"), &[inter, h])?,
-                    get(format!("{mlp}.up_proj.weight"), &[inter, h])?,
-                ])?,
-                down: backend
-                    .upload_matrix(&[get(format!("{mlp}.down_proj.weight"), &[h, inter])?])?,
+                gate_up: upload_matrix(
+                    backend,
+                    &[
+                        (
+                            get(format!("{mlp}.gate_proj.weight"), &[inter, h])?,
+                            inter_rows.clone(),
+                        ),
+                        (
+                            get(format!("{mlp}.up_proj.weight"), &[inter, h])?,
+                            inter_rows.clone(),
+                        ),
+                    ],
+                )?,
+                down: upload_matrix(
+                    backend,
+                    &[(
+                        get(format!("{mlp}.down_proj.weight"), &[h, inter])?,
+                        inter_cols.clone(),
+                    )],
+                )?,
             });
         }
         let norm = backend.upload_vector(&[get("model.norm.weight".into(), &[h])?])?;
@@ -137,11 +236,13 @@ impl<B: Backend> Model<B> {
             Some(backend.upload_matrix(&[get("lm_head.weight".into(), &[v, h])?])?)
         };
         let layout = AttnLayout {
-            num_heads: c.num_heads,
-            num_kv_heads: c.num_kv_heads,
+            num_heads: heads.len(),
+            num_kv_heads: kv_heads.len(),
             head_dim: c.head_dim,
         };
         Ok(Model {
+            intermediate: inter_range.len(),
+            shard,
             rope_inv_freq: config.rope_inv_freq(),
             config,
             embed,
@@ -168,9 +269,13 @@ impl<B: Backend> Model<B> {
             num_layers: self.config.num_layers,
             num_blocks,
             block_size,
-            num_kv_heads: self.config.num_kv_heads,
+            num_kv_heads: self.layout.num_kv_heads,
             head_dim: self.config.head_dim,
         }
+    }
+
+    pub fn shard(&self) -> TpShard {
+        self.shard
     }
 
     /// Runs one step and returns the logits of `batch.logit_rows`, `[rows, vocab]`.
@@ -186,8 +291,8 @@ impl<B: Backend> Model<B> {
         let mut qkv = b.alloc(t, self.layout.qkv_size());
         let mut attn = b.alloc(t, self.layout.q_size());
         let mut proj = b.alloc(t, c.hidden_size);
-        let mut gate_up = b.alloc(t, 2 * c.intermediate_size);
-        let mut act = b.alloc(t, c.intermediate_size);
+        let mut gate_up = b.alloc(t, 2 * self.intermediate);
+        let mut act = b.alloc(t, self.intermediate);
 
         for (i, layer) in self.layers.iter().enumerate() {
             if i == 0 {
@@ -205,10 +310,12 @@ impl<B: Backend> Model<B> {
             b.write_kv(cache, i, &qkv, &self.layout, &step);
             b.attention(cache, i, &qkv, &self.layout, &step, &mut attn);
             b.matmul(&attn, &layer.o, layer.o_bias.as_ref(), &mut proj);
+            b.all_reduce(&mut proj);
             b.add_rms_norm(&mut residual, &proj, &layer.post_norm, eps, &mut normed);
             b.matmul(&normed, &layer.gate_up, None, &mut gate_up);
             b.silu_mul(&gate_up, &mut act);
             b.matmul(&act, &layer.down, None, &mut proj);
+            b.all_reduce(&mut proj);
         }
         if !self.layers.is_empty() {
             b.add_assign(&mut residual, &proj);

@@ -4,13 +4,17 @@
 mod config;
 mod executor;
 mod forward;
+mod shard;
 mod weights;
 
 use std::path::PathBuf;
 
 pub use config::{Arch, ModelConfig, RopeScaling};
-pub use executor::{build_engine, EngineOptions, ModelExecutor};
+pub use executor::{
+    build_cpu_tp_engine, build_engine, CpuTpExecutor, EngineOptions, ModelExecutor,
+};
 pub use forward::Model;
+pub use shard::TpShard;
 pub use weights::{Checkpoint, DType, HostTensor};
 
 /// Why a model could not be loaded. Every variant names the file or tensor at fault.

@@ -7,6 +7,7 @@ pub mod kernels;
 mod simd;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 
 use kernels::{Matrix, WeightData};
 
@@ -89,11 +90,59 @@ const PAR_ROWS: usize = 16;
 pub struct CpuBackend {
     /// Set when any uploaded weight matrix is bf16 or f16; the KV cache then uses bf16.
     half_weights: AtomicBool,
+    /// This backend's rank and its group, when it is one shard of a tensor-parallel model.
+    comm: Option<(usize, Arc<CpuComm>)>,
+}
+
+/// An in-process all-reduce for tensor-parallel emulation on the CPU: each rank (one
+/// thread) deposits its partial sums, then every rank adds all deposits in rank order, so
+/// every rank ends with bit-identical results.
+#[derive(Debug)]
+pub struct CpuComm {
+    world: usize,
+    barrier: Barrier,
+    slots: Vec<Mutex<Vec<f32>>>,
+}
+
+impl CpuComm {
+    pub fn new(world: usize) -> Arc<Self> {
+        Arc::new(CpuComm {
+            world,
+            barrier: Barrier::new(world),
+            slots: (0..world).map(|_| Mutex::new(Vec::new())).collect(),
+        })
+    }
+
+    fn all_reduce(&self, rank: usize, x: &mut [f32]) {
+        {
+            let mut slot = self.slots[rank].lock().expect("no rank panicked");
+            slot.clear();
+            slot.extend_from_slice(x);
+        }
+        self.barrier.wait();
+        x.fill(0.0);
+        for r in 0..self.world {
+            let slot = self.slots[r].lock().expect("no rank panicked");
+            for (a, b) in x.iter_mut().zip(slot.iter()) {
+                *a += b;
+            }
+        }
+        // Nobody may overwrite a slot before every rank has read it.
+        self.barrier.wait();
+    }
 }
 
 impl CpuBackend {
     pub fn new() -> Self {
         CpuBackend::default()
+    }
+
+    /// Rank `rank` of the tensor-parallel group `comm`.
+    pub fn with_comm(rank: usize, comm: Arc<CpuComm>) -> Self {
+        CpuBackend {
+            comm: Some((rank, comm)),
+            ..CpuBackend::default()
+        }
     }
 
     fn kv_bf16(&self) -> bool {
@@ -450,6 +499,12 @@ impl Backend for CpuBackend {
 
     fn to_host(&self, x: &CpuAct) -> Vec<f32> {
         x.data.clone()
+    }
+
+    fn all_reduce(&self, x: &mut CpuAct) {
+        if let Some((rank, comm)) = &self.comm {
+            comm.all_reduce(*rank, &mut x.data);
+        }
     }
 }
 

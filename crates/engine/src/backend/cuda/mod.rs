@@ -26,7 +26,7 @@ use graph::{DecodeGraph, Recording};
 
 use super::{AttnLayout, Backend, ForwardBatch, KvCacheSpec, QkNorm};
 use crate::model::{DType, HostTensor, ModelError};
-use module::{Kernels, GROUPS, HEAD_DIMS};
+use module::{Kernels, GEMV_COLS_PER_BLOCK, GEMV_MAX_ROWS, GROUPS, HEAD_DIMS};
 
 /// Why the CUDA backend could not start or run, grouped by what the user can do about it.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +110,24 @@ pub fn probe_libraries() -> Result<(), CudaError> {
     Ok(())
 }
 
+/// What [`CudaBackend::gemv_check`] measured for one shape.
+#[derive(Clone, Debug)]
+pub struct GemvReport {
+    /// ‖gemv − ref‖ / ‖ref‖ against the f64 host reference (sampled columns).
+    pub rel_err_gemv: f64,
+    /// ‖cuBLAS − ref‖ / ‖ref‖, the same columns.
+    pub rel_err_cublas: f64,
+    /// ‖gemv − cuBLAS‖ / ‖cuBLAS‖, the same columns.
+    pub rel_diff_gemv_cublas: f64,
+    /// Every output element of the kernel was written (finite after NaN poisoning).
+    pub all_written: bool,
+    /// Median time per call, microseconds.
+    pub gemv_us: f64,
+    pub cublas_us: f64,
+    /// Bytes of the weight matrix (the traffic that bounds both).
+    pub weight_bytes: usize,
+}
+
 /// Row-major bf16 activations; the buffer keeps its capacity across reshapes.
 pub struct CudaAct {
     pub rows: usize,
@@ -191,6 +209,9 @@ pub struct CudaBackend {
     partials: RefCell<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
     /// Whether pure decode steps run as CUDA graphs (`SWITCHYARD_CUDA_GRAPHS=0` turns off).
     graphs_on: Cell<bool>,
+    /// Whether matmuls of at most `GEMV_MAX_ROWS` rows use the skinny-GEMM kernels rather
+    /// than cuBLAS (`SWITCHYARD_CUDA_GEMV=0` turns them off).
+    gemv_on: Cell<bool>,
     /// One recorded decode step per batch bucket.
     graphs: RefCell<HashMap<usize, DecodeGraph>>,
     /// The recording in progress, if any: allocations and metadata come from it.
@@ -271,6 +292,7 @@ impl CudaBackend {
             }
         }
         let graphs_on = std::env::var("SWITCHYARD_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        let gemv_on = std::env::var("SWITCHYARD_CUDA_GEMV").map_or(true, |v| v != "0");
         let num_sms = ctx
             .attribute(drv::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| CudaError::Device(format!("{e:?}")))? as usize;
@@ -283,6 +305,7 @@ impl CudaBackend {
             num_sms,
             partials: RefCell::new(None),
             graphs_on: Cell::new(graphs_on),
+            gemv_on: Cell::new(gemv_on),
             graphs: RefCell::new(HashMap::new()),
             rec: RefCell::new(None),
             _blas_workspace: blas_workspace,
@@ -296,6 +319,14 @@ impl CudaBackend {
         if !on {
             self.graphs.borrow_mut().clear();
         }
+    }
+
+    /// Turns the skinny-GEMM kernels for matmuls of at most 8 rows on or off (default on
+    /// unless `SWITCHYARD_CUDA_GEMV=0`); off, every matmul goes to cuBLAS. Recorded decode
+    /// graphs keep the kernels they were recorded with, so this drops them.
+    pub fn set_gemv(&self, on: bool) {
+        self.gemv_on.set(on);
+        self.graphs.borrow_mut().clear();
     }
 
     /// Whether decode steps run as CUDA graphs.
@@ -452,6 +483,155 @@ impl CudaBackend {
             )
         };
         check(r, "cublasGemmEx");
+    }
+
+    /// `out[rows, w.rows] = x[rows, w.cols] · wᵀ` for `x.rows <= GEMV_MAX_ROWS`: one warp
+    /// per output column streams its weight row once (see `gemv_body` in the kernels).
+    fn gemv(&self, x: &CudaAct, w: &CudaWeight, out: &CudaAct) {
+        debug_assert!((1..=GEMV_MAX_ROWS).contains(&x.rows) && w.cols % 8 == 0);
+        self.launch(
+            &self.k.gemv[x.rows - 1],
+            (grid(w.rows, GEMV_COLS_PER_BLOCK), 1, 1),
+            (GEMV_COLS_PER_BLOCK * 32) as u32,
+            &[
+                A::P(self.act_ptr(x)),
+                A::P(self.ptr(&w.buf)),
+                A::P(self.act_ptr(out)),
+                A::I(w.rows as i32),
+                A::I(w.cols as i32),
+            ],
+            "gemv",
+        );
+    }
+
+    fn use_gemv(&self, rows: usize, cols: usize) -> bool {
+        self.gemv_on.get() && rows <= GEMV_MAX_ROWS && cols % 8 == 0
+    }
+
+    /// Checks and times the skinny-GEMM kernel against cuBLAS on fresh random bf16 inputs
+    /// `x[m, k]`, `w[n, k]` (for `cuda_check`). Relative errors are measured against an f64
+    /// host reference over up to 512 sampled output columns; times are medians of event-timed
+    /// runs, rotating over enough weight copies that the L2 cache does not hold them.
+    pub fn gemv_check(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        seed: u64,
+    ) -> Result<GemvReport, CudaError> {
+        if !(1..=GEMV_MAX_ROWS).contains(&m) || k % 8 != 0 || n == 0 {
+            return Err(CudaError::Device(format!(
+                "gemv_check: bad shape {m}x{n}x{k}"
+            )));
+        }
+        let dev = |e: cudarc::driver::DriverError| CudaError::Device(format!("gemv_check: {e:?}"));
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut rnd = |len: usize| -> Vec<u16> {
+            (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+                    half::bf16::from_f64(2.0 * u - 1.0).to_bits()
+                })
+                .collect()
+        };
+        let hx = rnd(m * k);
+        let hw = rnd(n * k);
+        let w_bytes = n * k * 2;
+        let copies = (256usize << 20).div_ceil(w_bytes).clamp(1, 16);
+        let mut ws = Vec::with_capacity(copies);
+        for _ in 0..copies {
+            ws.push(CudaWeight {
+                rows: n,
+                cols: k,
+                buf: self.stream.clone_htod(&hw).map_err(dev)?,
+            });
+        }
+        let x = CudaAct {
+            rows: m,
+            cols: k,
+            buf: ActBuf::Own(self.stream.clone_htod(&hx).map_err(dev)?),
+        };
+        // Outputs poisoned with 0xffff (a bf16 NaN): an unwritten element fails the check.
+        let poison = vec![0xffffu16; m * n];
+        let out = || -> Result<CudaAct, CudaError> {
+            Ok(CudaAct {
+                rows: m,
+                cols: n,
+                buf: ActBuf::Own(self.stream.clone_htod(&poison).map_err(dev)?),
+            })
+        };
+        let out_g = out()?;
+        let out_c = out()?;
+        self.gemv(&x, &ws[0], &out_g);
+        self.gemm(&x, &ws[0], &out_c);
+        let read = |a: &CudaAct| -> Result<Vec<f64>, CudaError> {
+            let ActBuf::Own(b) = &a.buf else {
+                unreachable!("own buffers above")
+            };
+            let v = self.stream.clone_dtoh(b).map_err(dev)?;
+            Ok(v[..m * n]
+                .iter()
+                .map(|&u| half::bf16::from_bits(u).to_f64())
+                .collect())
+        };
+        let g = read(&out_g)?;
+        let c = read(&out_c)?;
+        let xf: Vec<f64> = hx
+            .iter()
+            .map(|&u| half::bf16::from_bits(u).to_f64())
+            .collect();
+        let step = n.div_ceil(512).max(1);
+        let (mut eg, mut ec, mut egc, mut rr, mut rc) = (0.0f64, 0.0, 0.0, 0.0, 0.0);
+        for col in (0..n).step_by(step) {
+            let wrow = &hw[col * k..(col + 1) * k];
+            for r in 0..m {
+                let xr = &xf[r * k..(r + 1) * k];
+                let mut s = 0.0f64;
+                for (a, &b) in xr.iter().zip(wrow) {
+                    s += a * half::bf16::from_bits(b).to_f64();
+                }
+                let (gv, cv) = (g[r * n + col], c[r * n + col]);
+                eg += (gv - s) * (gv - s);
+                ec += (cv - s) * (cv - s);
+                egc += (gv - cv) * (gv - cv);
+                rr += s * s;
+                rc += cv * cv;
+            }
+        }
+        let all_written = g.iter().all(|v| v.is_finite());
+        let time = |f: &dyn Fn(&CudaWeight)| -> Result<f64, CudaError> {
+            let reps = 20 * copies;
+            for wgt in &ws {
+                f(wgt);
+            }
+            let mut t = Vec::new();
+            for _ in 0..7 {
+                let ev = Some(drv::CUevent_flags::CU_EVENT_DEFAULT);
+                let a = self.stream.record_event(ev).map_err(dev)?;
+                for i in 0..reps {
+                    f(&ws[i % copies]);
+                }
+                let b = self.stream.record_event(ev).map_err(dev)?;
+                b.synchronize().map_err(dev)?;
+                t.push(a.elapsed_ms(&b).map_err(dev)? as f64 * 1e3 / reps as f64);
+            }
+            t.sort_by(|a, b| a.total_cmp(b));
+            Ok(t[t.len() / 2])
+        };
+        let gemv_us = time(&|wgt| self.gemv(&x, wgt, &out_g))?;
+        let cublas_us = time(&|wgt| self.gemm(&x, wgt, &out_c))?;
+        Ok(GemvReport {
+            rel_err_gemv: (eg / rr).sqrt(),
+            rel_err_cublas: (ec / rr).sqrt(),
+            rel_diff_gemv_cublas: (egc / rc.max(f64::MIN_POSITIVE)).sqrt(),
+            all_written,
+            gemv_us,
+            cublas_us,
+            weight_bytes: w_bytes,
+        })
     }
 
     fn partials(&self, acc: usize, ml: usize) -> (u64, u64) {
@@ -745,7 +925,11 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return;
         }
-        self.gemm(x, w, out);
+        if self.use_gemv(x.rows, w.cols) {
+            self.gemv(x, w, out);
+        } else {
+            self.gemm(x, w, out);
+        }
         if let Some(b) = bias {
             debug_assert_eq!(b.len, w.rows);
             self.launch(

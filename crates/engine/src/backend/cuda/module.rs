@@ -93,6 +93,8 @@ pub struct Kernels {
     pub argmax_rows: CudaFunction,
     pub bf16_to_f32: CudaFunction,
     pub decode_reduce: CudaFunction,
+    /// `gemv_M` for M = 1..=GEMV_MAX_ROWS, at index M - 1.
+    pub gemv: Vec<CudaFunction>,
     /// `[head_dim index][group index]` for head_dim 16/32/64/128 and group 1/2/4/8.
     pub decode_attn: Vec<Vec<CudaFunction>>,
     /// Per head_dim 16/32/64/128.
@@ -101,6 +103,10 @@ pub struct Kernels {
 
 pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 pub const GROUPS: [usize; 4] = [1, 2, 4, 8];
+/// Largest row count served by the skinny-GEMM kernels (`gemv_1` … `gemv_8`).
+pub const GEMV_MAX_ROWS: usize = 8;
+/// Output columns per `gemv_M` block (one warp each; `GEMV_WARPS` in the kernels).
+pub const GEMV_COLS_PER_BLOCK: usize = 4;
 
 impl Kernels {
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, CudaError> {
@@ -145,6 +151,9 @@ impl Kernels {
             argmax_rows: f("argmax_rows")?,
             bf16_to_f32: f("bf16_to_f32")?,
             decode_reduce: f("decode_reduce")?,
+            gemv: (1..=GEMV_MAX_ROWS)
+                .map(|m| f(&format!("gemv_{m}")))
+                .collect::<Result<Vec<_>, _>>()?,
             decode_attn,
             prefill_attn,
             _module: module,

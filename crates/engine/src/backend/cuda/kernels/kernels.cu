@@ -590,3 +590,83 @@ PREFILL(16)
 PREFILL(32)
 PREFILL(64)
 PREFILL(128)
+
+// ---------------------------------------------------------------------------------------
+// Skinny GEMM for M <= 8 rows (decode): out[m, n] = sum_k x[m, k] * w[n, k].
+// Weight-bandwidth bound: each warp owns one output column n and streams that weight row
+// once with 16-byte non-allocating loads (GEMV_UNROLL in flight per lane); the M activation
+// rows are small and re-read through L1. f32 accumulation; each row's sum is formed in the
+// same order whatever M is, so a sequence's result does not depend on its batch.
+// `k` is a multiple of 8 (checked on host).
+
+#define GEMV_WARPS 4
+#define GEMV_UNROLL 8
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
+    float fa[8], fb[8];
+    unpack8(a, fa);
+    unpack8(b, fb);
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) s = fmaf(fa[i], fb[i], s);
+    return s;
+}
+
+template <int M>
+__device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                          bf16* __restrict__ out, int n, int k) {
+    int lane = threadIdx.x & 31;
+    int col = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (col >= n) return;
+    int k8 = k >> 3;
+    const uint4* wr = (const uint4*)(w + (size_t)col * k);
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; m++) acc[m] = 0.f;
+    for (int base = lane; base < k8; base += 32 * GEMV_UNROLL) {
+        uint4 wv[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            int c = base + 32 * u;
+            wv[u] = c < k8 ? ld_stream(wr + c) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            int c = base + 32 * u;
+            if (c < k8) {
+#pragma unroll
+                for (int m = 0; m < M; m++) {
+                    uint4 xv = __ldg((const uint4*)(x + (size_t)m * k) + c);
+                    acc[m] += dot8(wv[u], xv);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        float s = warp_sum(acc[m]);
+        if (lane == 0) out[(size_t)m * n + col] = f2bf(s);
+    }
+}
+
+#define GEMV(M)                                                                               \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                             \
+        gemv_##M(const bf16* x, const bf16* w, bf16* out, int n, int k) {                     \
+        gemv_body<M>(x, w, out, n, k);                                                        \
+    }
+GEMV(1)
+GEMV(2)
+GEMV(3)
+GEMV(4)
+GEMV(5)
+GEMV(6)
+GEMV(7)
+GEMV(8)
