@@ -25,19 +25,19 @@ impl TpShard {
         if w == 0 || self.rank >= w {
             return Err(format!("rank {} is outside a group of {w}", self.rank));
         }
-        if cfg.num_heads % w != 0 {
+        if !cfg.num_heads.is_multiple_of(w) {
             return Err(format!(
                 "--tp {w} must divide the {} attention heads",
                 cfg.num_heads
             ));
         }
-        if cfg.num_kv_heads % w != 0 && w % cfg.num_kv_heads != 0 {
+        if !cfg.num_kv_heads.is_multiple_of(w) && !w.is_multiple_of(cfg.num_kv_heads) {
             return Err(format!(
                 "--tp {w} must divide, or be a multiple of, the {} KV heads",
                 cfg.num_kv_heads
             ));
         }
-        if cfg.intermediate_size % w != 0 {
+        if !cfg.intermediate_size.is_multiple_of(w) {
             return Err(format!(
                 "--tp {w} must divide the intermediate size {}",
                 cfg.intermediate_size
