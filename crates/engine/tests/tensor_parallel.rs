@@ -21,10 +21,10 @@ fn request(p: Vec<u32>) -> GenerateRequest {
     }
 }
 
-fn run_tp<E: engine::core::Executor>(
-    e: &mut LlmEngine<E>,
-    prompts: &[Vec<u32>],
-) -> Vec<Vec<(u32, Vec<(u32, f32)>)>> {
+/// Per sequence: each generated token with its top logprobs.
+type Trace = Vec<Vec<(u32, Vec<(u32, f32)>)>>;
+
+fn run_tp<E: engine::core::Executor>(e: &mut LlmEngine<E>, prompts: &[Vec<u32>]) -> Trace {
     for (i, p) in prompts.iter().enumerate() {
         e.validate(&request(p.clone())).unwrap();
         e.add_request(i as u64, request(p.clone()));
