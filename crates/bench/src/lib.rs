@@ -1,4 +1,7 @@
 //! Benchmarks that print a table and can write JSON: `switchyard bench engine` measures the
-//! engine alone (no HTTP), prefill and decode throughput next to the memory-bandwidth bound.
+//! engine alone (no HTTP), prefill and decode throughput next to the memory-bandwidth bound;
+//! `switchyard bench serve` loads the HTTP server with streamed OpenAI requests and charges
+//! the server's CPU to the engine and the frontend.
 
 pub mod engine_bench;
+pub mod serve_bench;

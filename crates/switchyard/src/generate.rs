@@ -1,4 +1,5 @@
-//! `switchyard generate` (one prompt, streamed to stdout) and `switchyard bench engine`.
+//! `switchyard generate` (one prompt, streamed to stdout), `switchyard bench engine` and
+//! `switchyard bench serve`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -102,6 +103,63 @@ pub struct BenchEngineArgs {
     /// cpu; for cuda, the H100 copy rate measured in shared/GPU.md).
     #[arg(long)]
     memory_bandwidth_gbs: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum BenchEndpoint {
+    Chat,
+    Completions,
+}
+
+#[derive(clap::Args)]
+pub struct BenchServeArgs {
+    /// Server to load (127.0.0.1 only); ignored with --spawn.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Start `switchyard serve` on a free port (with --serve-args) and stop it at the end;
+    /// its CPU is measured.
+    #[arg(long)]
+    spawn: bool,
+    /// Arguments for the spawned server, e.g. "--model DIR --threads 1".
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    serve_args: String,
+    /// PID of the server at --url, to measure its CPU.
+    #[arg(long, conflicts_with = "spawn")]
+    server_pid: Option<u32>,
+    /// Served model name (default: the first of GET /v1/models).
+    #[arg(long)]
+    model: Option<String>,
+    /// `completions` sends prompts as token ids (exact lengths); `chat` sends text.
+    #[arg(long, value_enum, default_value_t = BenchEndpoint::Completions)]
+    endpoint: BenchEndpoint,
+    /// Requests to send in all.
+    #[arg(long, default_value_t = 64)]
+    requests: usize,
+    /// Requests in flight at once (closed loop; the default, 16, unless --rate is given).
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Mean arrivals per second (open loop, Poisson arrivals).
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Output tokens per request (sent with ignore_eos, so counts are exact).
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Requests are spread over this many groups sharing a prompt prefix (0: none).
+    #[arg(long, default_value_t = 0)]
+    prefix_groups: usize,
+    /// Length of each group's shared prefix, within --prompt-tokens.
+    #[arg(long, default_value_t = 0)]
+    prefix_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Seconds each request may take.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 /// Device-to-device copy rate measured on the H100 (bytes read + written), shared/GPU.md.
@@ -266,6 +324,54 @@ pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+pub fn bench_serve(args: BenchServeArgs) -> Result<()> {
+    use bench::serve_bench as sb;
+    let target = if args.spawn {
+        sb::Target::Spawn {
+            bin: std::env::current_exe().context("locating the switchyard binary")?,
+            args: args
+                .serve_args
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
+        }
+    } else {
+        sb::Target::Url {
+            url: args.url,
+            pid: args.server_pid,
+        }
+    };
+    let opts = sb::ServeBenchOptions {
+        target,
+        model: args.model,
+        endpoint: match args.endpoint {
+            BenchEndpoint::Chat => sb::Endpoint::Chat,
+            BenchEndpoint::Completions => sb::Endpoint::Completions,
+        },
+        requests: args.requests,
+        load: match args.rate {
+            Some(r) => sb::Load::Rate(r),
+            None => sb::Load::Concurrency(args.concurrency.unwrap_or(16)),
+        },
+        prompt_tokens: args.prompt_tokens,
+        max_tokens: args.max_tokens,
+        prefix_groups: args.prefix_groups,
+        prefix_tokens: args.prefix_tokens,
+        seed: args.seed,
+        timeout: Duration::from_secs(args.timeout),
+    };
+    let report = sb::run(&opts)?;
+    sb::print_table(&report);
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if report.failed > 0 {
+        anyhow::bail!("{} of {} requests failed", report.failed, report.requests);
     }
     Ok(())
 }

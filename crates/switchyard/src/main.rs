@@ -38,6 +38,9 @@ enum Command {
 enum BenchCommand {
     /// Engine throughput without HTTP: prefill and decode tokens/s.
     Engine(generate::BenchEngineArgs),
+    /// Streamed OpenAI load against `switchyard serve`: latency percentiles, throughput and
+    /// the server's CPU per request and per output token.
+    Serve(generate::BenchServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -97,6 +100,9 @@ fn main() -> Result<()> {
         Command::Bench {
             command: BenchCommand::Engine(args),
         } => generate::bench_engine(args),
+        Command::Bench {
+            command: BenchCommand::Serve(args),
+        } => generate::bench_serve(args),
     }
 }
 

@@ -1,0 +1,1090 @@
+//! `switchyard bench serve`: a streaming OpenAI load generator against a local server,
+//! modelled on vLLM's `benchmark_serving.py` — a bounded number of streamed requests with
+//! synthetic prompts of set lengths (optionally in shared-prefix groups), sent closed-loop
+//! (a fixed number in flight) or open-loop (Poisson arrivals), reporting throughput and
+//! TTFT / inter-token / end-to-end latency percentiles.
+//!
+//! It can also start `switchyard serve` itself (`--spawn`) or watch a server by PID, and
+//! then charges the server's CPU time to its threads by name: the engine thread and its
+//! compute pool against everything else, which is the frontend's cost per request and per
+//! streamed token. Per-thread time comes from `/proc/<pid>/task/*/schedstat` (the
+//! scheduler's nanosecond run time) where the kernel has it; utime + stime from `stat` is
+//! also kept, but it is counted in 10 ms ticks, too coarse for short runs.
+//!
+//! Targets only 127.0.0.1: it is a measuring tool, not a load tester for other machines.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// Which OpenAI route the requests go to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Endpoint {
+    /// `/v1/chat/completions` with a text prompt (its token count is approximate).
+    Chat,
+    /// `/v1/completions` with the prompt as token ids (its length is exact).
+    Completions,
+}
+
+/// How requests are sent.
+#[derive(Clone, Copy, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Load {
+    /// A fixed number of requests in flight, each sent when one finishes.
+    Concurrency(usize),
+    /// Requests arrive at this mean rate per second, as a Poisson process.
+    Rate(f64),
+}
+
+/// Where the server comes from.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// A server already listening at this URL; `pid`, when given, is watched for CPU.
+    Url { url: String, pid: Option<u32> },
+    /// Start `bin serve --host 127.0.0.1 --port 0 <args>` and stop it at the end.
+    Spawn { bin: PathBuf, args: Vec<String> },
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeBenchOptions {
+    pub target: Target,
+    /// Served model name (default: the first of `GET /v1/models`).
+    pub model: Option<String>,
+    pub endpoint: Endpoint,
+    pub requests: usize,
+    pub load: Load,
+    pub prompt_tokens: usize,
+    pub max_tokens: usize,
+    /// Requests are spread round-robin over this many groups; 0 means no shared prefixes.
+    pub prefix_groups: usize,
+    /// Tokens of prefix shared within a group (part of `prompt_tokens`).
+    pub prefix_tokens: usize,
+    pub seed: u64,
+    /// Bound on each request, from sending it to its last byte.
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Dist {
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Dist {
+    fn of(mut v: Vec<f64>) -> Dist {
+        if v.is_empty() {
+            return Dist::default();
+        }
+        v.sort_by(f64::total_cmp);
+        // Nearest rank: the smallest value with at least p of the samples at or below it.
+        let pct = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        Dist {
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            p50: pct(0.50),
+            p90: pct(0.90),
+            p99: pct(0.99),
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// CPU seconds of one server thread over the measured window.
+#[derive(Clone, Debug, Serialize)]
+pub struct ThreadCpu {
+    pub tid: u32,
+    pub name: String,
+    pub role: &'static str,
+    pub cpu_s: f64,
+    /// utime + stime (tick-sampled).
+    pub stat_s: f64,
+}
+
+/// The server's CPU over the measured window, split by thread role.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerCpu {
+    pub pid: u32,
+    /// Where `*_s` come from: `schedstat` (exact run time) or `stat` (tick-sampled).
+    pub source: &'static str,
+    /// The engine thread and its compute pool: forward passes and scheduling.
+    pub engine_s: f64,
+    /// The HTTP runtime's workers (`switchyard-http`).
+    pub http_s: f64,
+    /// Every other thread (the main thread, blocking helpers).
+    pub other_s: f64,
+    /// `http_s + other_s`: everything that is not the engine.
+    pub frontend_s: f64,
+    /// The frontend's utime + stime, for comparison with `frontend_s`.
+    pub frontend_stat_s: f64,
+    pub frontend_us_per_request: f64,
+    pub frontend_us_per_output_token: f64,
+    pub engine_us_per_output_token: f64,
+    /// Engine steps in the window (from `/admin/stats`) and wall time per step.
+    pub engine_steps: u64,
+    pub engine_step_ms: f64,
+    pub threads: Vec<ThreadCpu>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServeBenchReport {
+    pub url: String,
+    pub model: String,
+    pub endpoint: Endpoint,
+    pub load: Load,
+    pub requests: usize,
+    pub prompt_tokens: usize,
+    pub max_tokens: usize,
+    pub prefix_groups: usize,
+    pub prefix_tokens: usize,
+    pub seed: u64,
+    pub completed: usize,
+    pub failed: usize,
+    /// Failures by kind: `status 429`, `timeout`, `connect`, `io`, `stream error`, ...
+    pub errors: BTreeMap<String, usize>,
+    pub duration_s: f64,
+    pub requests_per_s: f64,
+    pub output_tokens_per_s: f64,
+    pub total_prompt_tokens: u64,
+    pub total_output_tokens: u64,
+    pub total_cached_tokens: u64,
+    /// Output tokens of each completed request, as the server's usage reports them.
+    pub output_tokens_min: u64,
+    pub output_tokens_max: u64,
+    pub ttft_ms: Dist,
+    /// Gaps between streamed chunks (a chunk written with others counts as arriving at once).
+    pub itl_ms: Dist,
+    /// Per request: (end-to-end - TTFT) / (output tokens - 1).
+    pub tpot_ms: Dist,
+    pub e2e_ms: Dist,
+    /// This load generator's own CPU seconds (it shares the machine with the server).
+    pub client_cpu_s: f64,
+    pub server_cpu: Option<ServerCpu>,
+}
+
+pub fn run(opts: &ServeBenchOptions) -> Result<ServeBenchReport> {
+    validate(opts)?;
+    // One thread is enough to drive the load and keeps the client's share of a small
+    // machine low.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (server, url, pid) = match &opts.target {
+        Target::Url { url, pid } => (None, url.clone(), *pid),
+        Target::Spawn { bin, args } => {
+            let s = SpawnedServer::start(bin, args, opts.timeout.max(Duration::from_secs(60)))?;
+            let (url, pid) = (s.url.clone(), Some(s.pid()));
+            (Some(s), url, pid)
+        }
+    };
+    let result = rt.block_on(run_load(opts, &url, pid));
+    if let Some(s) = server {
+        s.stop()?;
+    }
+    result
+}
+
+fn validate(opts: &ServeBenchOptions) -> Result<()> {
+    if opts.requests == 0 {
+        bail!("--requests must be at least 1");
+    }
+    if opts.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    if opts.prompt_tokens == 0 {
+        bail!("--prompt-tokens must be at least 1");
+    }
+    match opts.load {
+        Load::Concurrency(0) => bail!("--concurrency must be at least 1"),
+        Load::Rate(r) if !(r > 0.0 && r.is_finite()) => bail!("--rate must be positive"),
+        _ => {}
+    }
+    if opts.prefix_groups > 0 && opts.prefix_tokens >= opts.prompt_tokens {
+        bail!("--prefix-tokens must be smaller than --prompt-tokens");
+    }
+    if let Target::Url { url, .. } = &opts.target {
+        Addr::parse(url)?;
+    }
+    Ok(())
+}
+
+/// `host:port` of a loopback URL.
+#[derive(Clone, Debug)]
+struct Addr {
+    authority: String,
+}
+
+impl Addr {
+    fn parse(url: &str) -> Result<Addr> {
+        let rest = url
+            .strip_prefix("http://")
+            .with_context(|| format!("--url {url:?}: only http:// URLs are supported"))?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (host, port) = authority
+            .rsplit_once(':')
+            .with_context(|| format!("--url {url:?}: give the port, e.g. http://127.0.0.1:8000"))?;
+        if !matches!(host, "127.0.0.1" | "localhost") {
+            bail!("--url {url:?}: only 127.0.0.1 can be targeted");
+        }
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("--url {url:?}: bad port"))?;
+        Ok(Addr {
+            authority: format!("127.0.0.1:{port}"),
+        })
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection.
+struct Conn {
+    send: SendRequest<Full<Bytes>>,
+}
+
+impl Conn {
+    async fn open(addr: &Addr) -> Result<Conn, Failure> {
+        let tcp = tokio::net::TcpStream::connect(&addr.authority)
+            .await
+            .map_err(|_| Failure::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let (send, conn) = http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|_| Failure::Connect)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn { send })
+    }
+
+    fn request(addr: &Addr, method: &str, path: &str, body: Bytes) -> hyper::Request<Full<Bytes>> {
+        hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &addr.authority)
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .expect("a well-formed request")
+    }
+}
+
+/// A small pool so open-loop requests reuse connections like a real client would.
+#[derive(Clone)]
+struct Pool {
+    addr: Addr,
+    idle: Arc<Mutex<Vec<Conn>>>,
+}
+
+impl Pool {
+    async fn get(&self) -> Result<Conn, Failure> {
+        loop {
+            let c = self.idle.lock().expect("pool lock").pop();
+            match c {
+                Some(mut c) => {
+                    if c.send.ready().await.is_ok() {
+                        return Ok(c);
+                    }
+                }
+                None => return Conn::open(&self.addr).await,
+            }
+        }
+    }
+
+    fn put(&self, c: Conn) {
+        self.idle.lock().expect("pool lock").push(c);
+    }
+}
+
+/// Simple JSON GET, for `/v1/models` and `/admin/stats`.
+async fn get_json(addr: &Addr, path: &str) -> Result<Value> {
+    let mut c = Conn::open(addr)
+        .await
+        .map_err(|_| anyhow::anyhow!("cannot connect to {}", addr.authority))?;
+    let resp = c
+        .send
+        .send_request(Conn::request(addr, "GET", path, Bytes::new()))
+        .await
+        .with_context(|| format!("GET {path}"))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!(
+            "GET {path}: {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    serde_json::from_slice(&body).with_context(|| format!("GET {path}: not JSON"))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Failure {
+    Status(u16),
+    Connect,
+    Io,
+    Timeout,
+    StreamError,
+    Incomplete,
+}
+
+impl Failure {
+    fn label(self) -> String {
+        match self {
+            Failure::Status(s) => format!("status {s}"),
+            Failure::Connect => "connect".into(),
+            Failure::Io => "io".into(),
+            Failure::Timeout => "timeout".into(),
+            Failure::StreamError => "stream error".into(),
+            Failure::Incomplete => "incomplete stream".into(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Outcome {
+    ttft: f64,
+    e2e: f64,
+    itl: Vec<f64>,
+    prompt_tokens: u64,
+    output_tokens: u64,
+    cached_tokens: u64,
+}
+
+/// Builds the request bodies up front, so prompt generation costs nothing during the run.
+fn bodies(opts: &ServeBenchOptions, model: &str) -> Vec<Bytes> {
+    let mut rng = SplitMix(opts.seed);
+    let groups = opts.prefix_groups;
+    let prefix_len = if groups > 0 { opts.prefix_tokens } else { 0 };
+    let prefixes: Vec<Vec<u32>> = (0..groups)
+        .map(|_| (0..prefix_len).map(|_| rng.token()).collect())
+        .collect();
+    (0..opts.requests)
+        .map(|i| {
+            let mut ids: Vec<u32> = if groups > 0 {
+                prefixes[i % groups].clone()
+            } else {
+                Vec::new()
+            };
+            ids.extend((prefix_len..opts.prompt_tokens).map(|_| rng.token()));
+            let mut body = json!({
+                "model": model,
+                "max_tokens": opts.max_tokens,
+                "ignore_eos": true,
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            });
+            match opts.endpoint {
+                Endpoint::Completions => body["prompt"] = json!(ids),
+                Endpoint::Chat => {
+                    let text = ids.iter().map(|&t| word(t)).collect::<Vec<_>>().join(" ");
+                    body["messages"] = json!([{"role": "user", "content": text}]);
+                }
+            }
+            Bytes::from(body.to_string())
+        })
+        .collect()
+}
+
+/// A word per token id for chat prompts: ordinary words so the text tokenizes to roughly
+/// one token each.
+fn word(t: u32) -> &'static str {
+    const WORDS: [&str; 32] = [
+        "the", "of", "and", "to", "in", "is", "was", "for", "on", "with", "as", "by", "at", "from",
+        "that", "this", "it", "be", "are", "or", "an", "not", "have", "one", "all", "time", "out",
+        "up", "new", "more", "about", "first",
+    ];
+    WORDS[t as usize % WORDS.len()]
+}
+
+/// A seeded generator for prompts and arrival times (SplitMix64: tiny, and good enough
+/// for synthetic workloads).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn unit(&mut self) -> f64 {
+        ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Ids in 10..500: ordinary tokens in every synthetic vocabulary (the tiny one has
+    /// 512), clear of the special tokens at the bottom.
+    fn token(&mut self) -> u32 {
+        10 + (self.next() % 490) as u32
+    }
+}
+
+/// Sends one streamed request and times its chunks.
+async fn one_request(
+    conn: &mut Conn,
+    addr: &Addr,
+    path: &str,
+    body: Bytes,
+) -> Result<Outcome, Failure> {
+    let start = Instant::now();
+    conn.send.ready().await.map_err(|_| Failure::Io)?;
+    let resp = conn
+        .send
+        .send_request(Conn::request(addr, "POST", path, body))
+        .await
+        .map_err(|_| Failure::Io)?;
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    if status != 200 {
+        // Read the error body so the connection can be reused.
+        let _ = (&mut body).collect().await;
+        return Err(Failure::Status(status));
+    }
+    let mut sse = SseParser::default();
+    let mut times: Vec<f64> = Vec::with_capacity(256);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| Failure::Io)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let t = start.elapsed().as_secs_f64();
+        sse.feed(&data, |ev| match ev {
+            Event::Token => times.push(t),
+        })?;
+    }
+    if !sse.done {
+        return Err(Failure::Incomplete);
+    }
+    let e2e = start.elapsed().as_secs_f64();
+    let ttft = times.first().copied().unwrap_or(e2e);
+    let itl = times.windows(2).map(|w| (w[1] - w[0]) * 1e3).collect();
+    let usage = sse.usage.unwrap_or_default();
+    Ok(Outcome {
+        ttft,
+        e2e,
+        itl,
+        prompt_tokens: usage.0,
+        output_tokens: if sse.usage.is_some() {
+            usage.1
+        } else {
+            times.len() as u64
+        },
+        cached_tokens: usage.2,
+    })
+}
+
+enum Event {
+    Token,
+}
+
+/// Splits an SSE body into `data:` events. Chunks are classified by substring, not parsed:
+/// only the usage chunk is parsed, so the client stays cheap next to the server it measures.
+/// (A JSON string cannot contain an unescaped `"`, so the markers cannot appear in text.)
+#[derive(Default)]
+struct SseParser {
+    buf: Vec<u8>,
+    done: bool,
+    /// (prompt, completion, cached) tokens.
+    usage: Option<(u64, u64, u64)>,
+}
+
+impl SseParser {
+    fn feed(&mut self, data: &[u8], mut on: impl FnMut(Event)) -> Result<(), Failure> {
+        self.buf.extend_from_slice(data);
+        let mut start = 0;
+        while let Some(end) = find(&self.buf[start..], b"\n\n") {
+            let ev = &self.buf[start..start + end];
+            start += end + 2;
+            let Some(payload) = ev.strip_prefix(b"data: ") else {
+                continue;
+            };
+            if payload == b"[DONE]" {
+                self.done = true;
+            } else if payload.starts_with(b"{\"error\"") {
+                return Err(Failure::StreamError);
+            } else if find(payload, b"\"usage\":{").is_some() {
+                let v: Value = serde_json::from_slice(payload).map_err(|_| Failure::Io)?;
+                let u = &v["usage"];
+                self.usage = Some((
+                    u["prompt_tokens"].as_u64().unwrap_or(0),
+                    u["completion_tokens"].as_u64().unwrap_or(0),
+                    u["prompt_tokens_details"]["cached_tokens"]
+                        .as_u64()
+                        .unwrap_or(0),
+                ));
+            } else if find(payload, b"\"role\":\"assistant\"").is_none() {
+                on(Event::Token);
+            }
+        }
+        self.buf.drain(..start);
+        Ok(())
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+type Results = Arc<Mutex<Vec<Result<Outcome, Failure>>>>;
+
+async fn run_load(
+    opts: &ServeBenchOptions,
+    url: &str,
+    pid: Option<u32>,
+) -> Result<ServeBenchReport> {
+    let addr = Addr::parse(url)?;
+    let model = match &opts.model {
+        Some(m) => m.clone(),
+        None => get_json(&addr, "/v1/models").await?["data"][0]["id"]
+            .as_str()
+            .context("GET /v1/models lists no model")?
+            .to_string(),
+    };
+    let path = match opts.endpoint {
+        Endpoint::Chat => "/v1/chat/completions",
+        Endpoint::Completions => "/v1/completions",
+    };
+    let bodies = Arc::new(bodies(opts, &model));
+    let results: Results = Arc::new(Mutex::new(Vec::with_capacity(opts.requests)));
+    let pool = Pool {
+        addr: addr.clone(),
+        idle: Arc::default(),
+    };
+    let timeout = opts.timeout;
+
+    let steps_before = engine_steps(&addr).await;
+    let cpu_before = pid.map(thread_cpu);
+    let client_before = self_cpu_s();
+    let start = Instant::now();
+    match opts.load {
+        Load::Concurrency(c) => {
+            let next = Arc::new(AtomicUsize::new(0));
+            let mut workers = Vec::new();
+            for _ in 0..c.min(opts.requests) {
+                let (next, bodies, results, pool) =
+                    (next.clone(), bodies.clone(), results.clone(), pool.clone());
+                workers.push(tokio::spawn(async move {
+                    // Bounded: each pass takes a distinct index below `requests`.
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(body) = bodies.get(i) else { break };
+                        let r = send(&pool, path, body.clone(), timeout).await;
+                        results.lock().expect("results lock").push(r);
+                    }
+                }));
+            }
+            for w in workers {
+                w.await.context("a load worker panicked")?;
+            }
+        }
+        Load::Rate(rate) => {
+            let mut rng = SplitMix(opts.seed ^ 0x5eed);
+            let mut at = Duration::ZERO;
+            let mut tasks = Vec::with_capacity(opts.requests);
+            for body in bodies.iter() {
+                tokio::time::sleep_until((start + at).into()).await;
+                let (results, pool, body) = (results.clone(), pool.clone(), body.clone());
+                tasks.push(tokio::spawn(async move {
+                    let r = send(&pool, path, body, timeout).await;
+                    results.lock().expect("results lock").push(r);
+                }));
+                at += Duration::from_secs_f64(-rng.unit().ln() / rate);
+            }
+            for t in tasks {
+                t.await.context("a request task panicked")?;
+            }
+        }
+    }
+    let duration = start.elapsed().as_secs_f64();
+    let client_cpu_s = self_cpu_s() - client_before;
+    let cpu_after = pid.map(thread_cpu);
+    let steps_after = engine_steps(&addr).await;
+
+    let results = std::mem::take(&mut *results.lock().expect("results lock"));
+    let mut errors = BTreeMap::new();
+    let mut ok = Vec::new();
+    for r in results {
+        match r {
+            Ok(o) => ok.push(o),
+            Err(f) => *errors.entry(f.label()).or_insert(0) += 1,
+        }
+    }
+    let total_output: u64 = ok.iter().map(|o| o.output_tokens).sum();
+    let server_cpu = match (pid, cpu_before, cpu_after) {
+        (Some(pid), Some(Ok(b)), Some(Ok(a))) => {
+            let steps = match (steps_before, steps_after) {
+                (Some(b), Some(a)) => a.saturating_sub(b),
+                _ => 0,
+            };
+            Some(cpu_split(
+                pid,
+                &b,
+                &a,
+                ok.len(),
+                total_output,
+                steps,
+                duration,
+            ))
+        }
+        (Some(_), Some(Err(e)), _) | (Some(_), _, Some(Err(e))) => {
+            return Err(e.context("reading the server's CPU time"))
+        }
+        _ => None,
+    };
+    Ok(ServeBenchReport {
+        url: url.to_string(),
+        model,
+        endpoint: opts.endpoint,
+        load: opts.load,
+        requests: opts.requests,
+        prompt_tokens: opts.prompt_tokens,
+        max_tokens: opts.max_tokens,
+        prefix_groups: opts.prefix_groups,
+        prefix_tokens: opts.prefix_tokens,
+        seed: opts.seed,
+        completed: ok.len(),
+        failed: opts.requests - ok.len(),
+        errors,
+        duration_s: duration,
+        requests_per_s: ok.len() as f64 / duration,
+        output_tokens_per_s: total_output as f64 / duration,
+        total_prompt_tokens: ok.iter().map(|o| o.prompt_tokens).sum(),
+        total_output_tokens: total_output,
+        total_cached_tokens: ok.iter().map(|o| o.cached_tokens).sum(),
+        output_tokens_min: ok.iter().map(|o| o.output_tokens).min().unwrap_or(0),
+        output_tokens_max: ok.iter().map(|o| o.output_tokens).max().unwrap_or(0),
+        ttft_ms: Dist::of(ok.iter().map(|o| o.ttft * 1e3).collect()),
+        itl_ms: Dist::of(ok.iter().flat_map(|o| o.itl.iter().copied()).collect()),
+        tpot_ms: Dist::of(
+            ok.iter()
+                .filter(|o| o.output_tokens > 1)
+                .map(|o| (o.e2e - o.ttft) * 1e3 / (o.output_tokens - 1) as f64)
+                .collect(),
+        ),
+        e2e_ms: Dist::of(ok.iter().map(|o| o.e2e * 1e3).collect()),
+        client_cpu_s,
+        server_cpu,
+    })
+}
+
+/// One request on a pooled connection, bounded by `timeout`.
+async fn send(pool: &Pool, path: &str, body: Bytes, timeout: Duration) -> Result<Outcome, Failure> {
+    let work = async {
+        let mut conn = pool.get().await?;
+        let r = one_request(&mut conn, &pool.addr, path, body).await;
+        if r.is_ok() || matches!(r, Err(Failure::Status(_))) {
+            pool.put(conn);
+        }
+        r
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or(Err(Failure::Timeout))
+}
+
+/// Engine steps so far, from `/admin/stats` (None if the server has no such route).
+async fn engine_steps(addr: &Addr) -> Option<u64> {
+    get_json(addr, "/admin/stats").await.ok()?["steps"].as_u64()
+}
+
+/// A thread's role, from its name (Linux keeps the first 15 bytes).
+fn role(name: &str) -> &'static str {
+    // "switchyard-engine" and the compute pool's "switchyard-kernel-N".
+    if name.starts_with("switchyard-engi") || name.starts_with("switchyard-kern") {
+        "engine"
+    } else if name.starts_with("switchyard-http") {
+        "http"
+    } else {
+        "other"
+    }
+}
+
+/// One thread's name and CPU seconds: utime + stime, and schedstat's run time if present.
+#[derive(Clone, Debug)]
+struct Sample {
+    name: String,
+    stat_s: f64,
+    sched_s: Option<f64>,
+}
+
+type Snapshot = BTreeMap<u32, Sample>;
+
+/// CPU time of every thread of `pid`, from `/proc/<pid>/task/*/{stat,schedstat}`.
+fn thread_cpu(pid: u32) -> Result<Snapshot> {
+    let tick = clock_ticks();
+    let mut out = BTreeMap::new();
+    let dir = format!("/proc/{pid}/task");
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let entry = entry?;
+        let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // A thread can exit between listing and reading.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let sched_s = std::fs::read_to_string(entry.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|ns| ns as f64 / 1e9);
+        if let Some((name, ticks)) = parse_stat(&stat) {
+            let stat_s = ticks as f64 / tick;
+            out.insert(
+                tid,
+                Sample {
+                    name,
+                    stat_s,
+                    sched_s,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// (comm, utime + stime in ticks) from a `/proc/.../stat` line. The name sits in
+/// parentheses and may itself contain spaces or parentheses, so split at the last `)`.
+fn parse_stat(stat: &str) -> Option<(String, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat.get(open + 1..close)?.to_string();
+    // Fields after the name start at field 3 (state); utime and stime are fields 14 and 15.
+    let mut rest = stat.get(close + 1..)?.split_whitespace().skip(11);
+    let utime: u64 = rest.next()?.parse().ok()?;
+    let stime: u64 = rest.next()?.parse().ok()?;
+    Some((name, utime + stime))
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// This process's CPU seconds (all threads).
+fn self_cpu_s() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| parse_stat(&s))
+        .map_or(0.0, |(_, t)| t as f64 / clock_ticks())
+}
+
+fn cpu_split(
+    pid: u32,
+    before: &Snapshot,
+    after: &Snapshot,
+    requests: usize,
+    output_tokens: u64,
+    steps: u64,
+    duration: f64,
+) -> ServerCpu {
+    let exact = after.values().all(|s| s.sched_s.is_some());
+    let mut threads: Vec<ThreadCpu> = after
+        .iter()
+        .map(|(&tid, a)| {
+            let b = before.get(&tid);
+            let stat_s = a.stat_s - b.map_or(0.0, |b| b.stat_s);
+            let sched_s = a.sched_s.unwrap_or(0.0) - b.and_then(|b| b.sched_s).unwrap_or(0.0);
+            ThreadCpu {
+                tid,
+                name: a.name.clone(),
+                role: role(&a.name),
+                cpu_s: if exact { sched_s } else { stat_s },
+                stat_s,
+            }
+        })
+        .collect();
+    threads.sort_by(|a, b| b.cpu_s.total_cmp(&a.cpu_s));
+    let sum = |r: &str| {
+        threads
+            .iter()
+            .filter(|t| t.role == r)
+            .map(|t| t.cpu_s)
+            .sum::<f64>()
+    };
+    let (engine_s, http_s, other_s) = (sum("engine"), sum("http"), sum("other"));
+    let frontend_s = http_s + other_s;
+    let frontend_stat_s = threads
+        .iter()
+        .filter(|t| t.role != "engine")
+        .map(|t| t.stat_s)
+        .sum();
+    let per = |s: f64, n: f64| if n > 0.0 { s * 1e6 / n } else { 0.0 };
+    ServerCpu {
+        pid,
+        source: if exact { "schedstat" } else { "stat" },
+        engine_s,
+        http_s,
+        other_s,
+        frontend_s,
+        frontend_stat_s,
+        frontend_us_per_request: per(frontend_s, requests as f64),
+        frontend_us_per_output_token: per(frontend_s, output_tokens as f64),
+        engine_us_per_output_token: per(engine_s, output_tokens as f64),
+        engine_steps: steps,
+        engine_step_ms: if steps > 0 {
+            duration * 1e3 / steps as f64
+        } else {
+            0.0
+        },
+        threads,
+    }
+}
+
+/// A `switchyard serve` this benchmark started; stopped (by PID) when dropped.
+struct SpawnedServer {
+    child: Option<Child>,
+    url: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl SpawnedServer {
+    fn start(bin: &PathBuf, args: &[String], ready_within: Duration) -> Result<SpawnedServer> {
+        let mut child = Command::new(bin)
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {} serve", bin.display()))?;
+        let stderr = child.stderr.take().context("no stderr pipe")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&log);
+        // Keeps draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("switchyard ready") {
+                    let _ = tx.send(line.clone());
+                }
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        let mut server = SpawnedServer {
+            child: Some(child),
+            url: String::new(),
+            log,
+        };
+        let ready = rx.recv_timeout(ready_within).map_err(|_| {
+            anyhow::anyhow!(
+                "the server printed no ready line within {ready_within:?}; its log:\n{}",
+                server.log()
+            )
+        })?;
+        let url = ready
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .context("the ready line has no URL")?;
+        server.url = url.trim_end_matches(['/', ',', ')']).to_string();
+        Ok(server)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// SIGTERM, then a bounded wait for a clean exit.
+    fn stop(mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    bail!("the server exited with {status}; its log:\n{}", self.log());
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the server did not stop within 30 s of SIGTERM")
+    }
+}
+
+impl Drop for SpawnedServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn print_table(r: &ServeBenchReport) {
+    let load = match r.load {
+        Load::Concurrency(c) => format!("concurrency {c}"),
+        Load::Rate(x) => format!("rate {x}/s"),
+    };
+    println!(
+        "model: {}  endpoint: {:?}  {load}  prompt {} tokens, max {} tokens{}",
+        r.model,
+        r.endpoint,
+        r.prompt_tokens,
+        r.max_tokens,
+        if r.prefix_groups > 0 {
+            format!(
+                ", {} groups sharing {} tokens",
+                r.prefix_groups, r.prefix_tokens
+            )
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "{} of {} requests completed in {:.2} s: {:.2} requests/s, {:.1} output tokens/s",
+        r.completed, r.requests, r.duration_s, r.requests_per_s, r.output_tokens_per_s
+    );
+    println!(
+        "tokens: {} prompt ({} cached), {} output ({}..{} per request)",
+        r.total_prompt_tokens,
+        r.total_cached_tokens,
+        r.total_output_tokens,
+        r.output_tokens_min,
+        r.output_tokens_max
+    );
+    for (kind, n) in &r.errors {
+        println!("errors: {n} x {kind}");
+    }
+    println!();
+    println!("| latency (ms) | mean | p50 | p90 | p99 | max |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, d) in [
+        ("TTFT", &r.ttft_ms),
+        ("inter-token", &r.itl_ms),
+        ("per output token", &r.tpot_ms),
+        ("end-to-end", &r.e2e_ms),
+    ] {
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            d.mean, d.p50, d.p90, d.p99, d.max
+        );
+    }
+    if let Some(c) = &r.server_cpu {
+        println!();
+        println!(
+            "server CPU (pid {}, {}): engine {:.3} s, http {:.3} s, other {:.3} s (utime+stime of http+other: {:.3} s); client {:.3} s",
+            c.pid, c.source, c.engine_s, c.http_s, c.other_s, c.frontend_stat_s, r.client_cpu_s
+        );
+        println!(
+            "frontend: {:.1} µs per output token, {:.0} µs per request; engine: {:.1} µs per output token, {} steps, {:.2} ms per step",
+            c.frontend_us_per_output_token,
+            c.frontend_us_per_request,
+            c.engine_us_per_output_token,
+            c.engine_steps,
+            c.engine_step_ms
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let d = Dist::of((1..=100).map(f64::from).collect());
+        assert_eq!((d.p50, d.p90, d.p99, d.max), (50.0, 90.0, 99.0, 100.0));
+        assert_eq!(Dist::of(vec![]).p99, 0.0);
+    }
+
+    #[test]
+    fn stat_lines_with_odd_names_parse() {
+        let line = "42 (switchyard-http) S 1 2 3 4 5 6 7 8 9 10 250 30 0 0 20 0 1";
+        assert_eq!(parse_stat(line), Some(("switchyard-http".into(), 280)));
+        let odd = "7 (a) b (c) R 1 2 3 4 5 6 7 8 9 10 1 2 0";
+        assert_eq!(parse_stat(odd), Some(("a) b (c".into(), 3)));
+        assert_eq!(role("switchyard-engi"), "engine");
+        assert_eq!(role("switchyard-kern"), "engine");
+        assert_eq!(role("switchyard"), "other");
+    }
+
+    #[test]
+    fn sse_events_split_across_reads() {
+        let mut p = SseParser::default();
+        let mut tokens = 0;
+        let role = "data: {\"id\":\"x\",\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+        let tok =
+            "data: {\"id\":\"x\",\"choices\":[{\"delta\":{\"content\":\"usage\\\":{\"}}]}\n\n";
+        let usage = "data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":1}}}\n\ndata: [DONE]\n\n";
+        let all = format!("{role}{tok}{tok}{usage}");
+        for piece in all.as_bytes().chunks(7) {
+            p.feed(piece, |_| tokens += 1).unwrap();
+        }
+        assert_eq!(tokens, 2);
+        assert!(p.done);
+        assert_eq!(p.usage, Some((3, 2, 1)));
+    }
+
+    #[test]
+    fn only_loopback_urls() {
+        assert!(Addr::parse("http://127.0.0.1:8000").is_ok());
+        assert!(Addr::parse("http://localhost:8000/v1").is_ok());
+        assert!(Addr::parse("http://10.0.0.1:8000").is_err());
+        assert!(Addr::parse("https://127.0.0.1:8000").is_err());
+    }
+
+    #[test]
+    fn prompts_share_prefixes_within_groups() {
+        let opts = ServeBenchOptions {
+            target: Target::Url {
+                url: "http://127.0.0.1:1".into(),
+                pid: None,
+            },
+            model: None,
+            endpoint: Endpoint::Completions,
+            requests: 4,
+            load: Load::Concurrency(1),
+            prompt_tokens: 8,
+            max_tokens: 1,
+            prefix_groups: 2,
+            prefix_tokens: 5,
+            seed: 1,
+            timeout: Duration::from_secs(1),
+        };
+        let prompts: Vec<Vec<u64>> = bodies(&opts, "m")
+            .iter()
+            .map(|b| {
+                let v: Value = serde_json::from_slice(b).unwrap();
+                v["prompt"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap())
+                    .collect()
+            })
+            .collect();
+        assert!(prompts.iter().all(|p| p.len() == 8));
+        assert_eq!(prompts[0][..5], prompts[2][..5]);
+        assert_ne!(prompts[0][..5], prompts[1][..5]);
+        assert_ne!(prompts[0][5..], prompts[2][5..]);
+    }
+}
