@@ -5,11 +5,16 @@
 #   scripts/gpu/check_and_bench.sh [BIN_DIR] [STAGES...]
 #
 # BIN_DIR holds `switchyard` and `cuda_check` (default gpu-bin). STAGES: check, synth,
-# bench, eager (batch-1 decode with CUDA graphs off, for comparison), cli (default: all). Logs go to $OUT (or /tmp/switchyard-gpu); tables print last.
+# bench, eager (batch-1 decode with CUDA graphs off, for comparison), cublas (batch-1 decode
+# with every matmul on cuBLAS, SWITCHYARD_CUDA_GEMV=0, for comparison), cli (`switchyard
+# bench engine`), serve (`switchyard serve --device cuda` on the 8b model, loaded once, and
+# `switchyard bench serve` at concurrency 1, 16 and 64: TTFT and inter-token p50/p99)
+# (default: check synth bench eager cublas cli serve). Logs go to $OUT (or
+# /tmp/switchyard-gpu); tables print last.
 set -uo pipefail
 BIN=${1:-gpu-bin}
 shift || true
-STAGES=${*:-check synth bench eager cli}
+STAGES=${*:-check synth bench eager cublas cli serve}
 LOG=${OUT:-/tmp/switchyard-gpu}
 mkdir -p "$LOG"
 M8B=${M8B:-/tmp/m8b}
@@ -41,6 +46,37 @@ for stage in $STAGES; do
     eager)
         SWITCHYARD_CUDA_GRAPHS=0 "$BIN/cuda_check" bench "$M8B" decode 2>&1 \
             | sed 's/^| decode batch 1/| decode batch 1, graphs off/' | tee "$LOG/bench_eager.log" || rc=1 ;;
+    cublas)
+        SWITCHYARD_CUDA_GEMV=0 "$BIN/cuda_check" bench "$M8B" decode 2>&1 \
+            | sed 's/^| decode batch 1/| decode batch 1, all matmuls on cuBLAS/' | tee "$LOG/bench_cublas.log" || rc=1 ;;
+    serve)
+        port=${SERVE_PORT:-8123}
+        "$BIN/switchyard" serve --model "$M8B" --device cuda --port "$port" \
+            --served-model-name m8b >"$LOG/serve.log" 2>&1 &
+        spid=$!
+        # Ready when /health answers 200 (503 while the model loads); give up after 300 s.
+        ready=0
+        for _ in $(seq 600); do
+            if python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null; then
+                ready=1; break
+            fi
+            kill -0 "$spid" 2>/dev/null || break
+            sleep 0.5
+        done
+        if [ $ready = 1 ]; then
+            : >"$LOG/bench_serve.log"
+            for c in 1 16 64; do
+                reqs=$(( c == 1 ? 8 : 4 * c ))
+                echo "| serve, concurrency $c, $reqs requests × 512 in / 128 out (ignore EOS) |" | tee -a "$LOG/bench_serve.log"
+                "$BIN/switchyard" bench serve --url "http://127.0.0.1:$port" --server-pid "$spid" \
+                    --concurrency "$c" --requests "$reqs" --prompt-tokens 512 --max-tokens 128 \
+                    --json "$LOG/bench_serve_c$c.json" 2>&1 | tee -a "$LOG/bench_serve.log" || rc=1
+            done
+        else
+            echo "serve: the server did not become ready" | tee -a "$LOG/bench_serve.log"; tail -20 "$LOG/serve.log"; rc=1
+        fi
+        kill -TERM "$spid" 2>/dev/null; wait "$spid" 2>/dev/null
+        tail -5 "$LOG/serve.log" ;;
     cli)
         "$BIN/switchyard" bench engine --device cuda --model "$M8B" --batch 1,32,256 \
             --prompt-len 512 --decode-tokens 64 --prefill-prompts 8 --prefill-len 2048 \
@@ -48,5 +84,6 @@ for stage in $STAGES; do
     esac
 done
 echo "== summary =="
-grep -h '^|' "$LOG/check.log" "$LOG/bench.log" "$LOG/bench_eager.log" "$LOG/bench_engine.log" 2>/dev/null
+grep -h '^|' "$LOG/check.log" "$LOG/bench.log" "$LOG/bench_eager.log" "$LOG/bench_cublas.log" \
+    "$LOG/bench_engine.log" "$LOG/bench_serve.log" 2>/dev/null
 exit $rc

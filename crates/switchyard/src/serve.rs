@@ -1,4 +1,5 @@
-//! `switchyard serve`: the OpenAI-compatible HTTP server over one CPU engine.
+//! `switchyard serve`: the OpenAI-compatible HTTP server over one engine, on the CPU (the
+//! default) or an NVIDIA GPU (`--device cuda`).
 //!
 //! Order of events: bind the port (so a bad address fails at once and `/health` can be
 //! probed), load the model in the background (`/health` answers 503 until then), log one
@@ -12,12 +13,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use engine::backend::cpu::{kernels, CpuBackend};
+use engine::backend::Backend;
 use engine::core::HandleOptions;
 use engine::model::{build_engine, EngineOptions};
 use frontend::{Frontend, FrontendConfig, ModelService};
 use tokio::sync::watch;
 
-use crate::generate::LoadProgress;
+use crate::generate::{Device, DeviceArgs, LoadProgress};
 use crate::models;
 
 #[derive(clap::Args)]
@@ -38,7 +40,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_MAX_PENDING", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_pending: u32,
-    /// Memory for the KV cache, in MiB.
+    /// Memory for the KV cache, in MiB (cpu; on cuda the cache is sized from
+    /// --gpu-memory-utilization).
     #[arg(long, env = "SWITCHYARD_KV_CACHE_MB", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..))]
     kv_cache_mb: u64,
@@ -51,12 +54,23 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted.
     #[arg(long, env = "SWITCHYARD_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     shutdown_timeout: u64,
+    /// --device, --cuda-device, --gpu-memory-utilization.
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
     init_logging();
     if args.threads == Some(0) {
         anyhow::bail!("--threads must be at least 1");
+    }
+    let util = args.device.gpu_memory_utilization;
+    if !(util > 0.0 && util <= 1.0) {
+        anyhow::bail!("--gpu-memory-utilization must be in (0, 1], got {util}");
+    }
+    if args.device.device == Device::Cuda {
+        // A missing driver or library fails here, in one line, before the port is bound.
+        engine::backend::cuda::probe_libraries()?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -103,6 +117,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         let model = args.model.clone();
         let name = args.served_model_name.clone();
         let threads = args.threads;
+        let device = args.device.clone();
         let opts = EngineOptions {
             kv_cache_bytes: usize::try_from(args.kv_cache_mb << 20).unwrap_or(usize::MAX),
             ..EngineOptions::default()
@@ -111,7 +126,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_pending: args.max_pending as usize,
             ..HandleOptions::default()
         };
-        move || load_model(model, name, threads, &opts, handle_opts)
+        move || load_model(model, name, threads, &device, &opts, handle_opts)
     });
     let model = tokio::select! {
         loaded = load => loaded.context("the model loader panicked")??,
@@ -153,6 +168,7 @@ fn load_model(
     model: Option<PathBuf>,
     name: Option<String>,
     threads: Option<usize>,
+    device: &DeviceArgs,
     opts: &EngineOptions,
     handle_opts: HandleOptions,
 ) -> Result<ModelService> {
@@ -162,13 +178,31 @@ fn load_model(
     let dir = models::resolve(model)?;
     let tokenizer = tokens::Tokenizer::from_dir(&dir)
         .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
-    let mut progress = LoadProgress::new();
-    let eng = build_engine(&dir, CpuBackend::new(), opts, &mut |d, t| {
-        progress.update(d, t)
-    })
-    .with_context(|| format!("loading {}", dir.display()))?;
-    progress.finish();
     let name = name.unwrap_or_else(|| dir_name(&dir));
+    // Only the engine's construction depends on the device; the frontend sees a handle.
+    match device.device {
+        Device::Cpu => start_on(name, &dir, CpuBackend::new(), tokenizer, opts, handle_opts),
+        Device::Cuda => {
+            // A missing driver or library is one line of error here, before any loading.
+            let backend = device.cuda_backend()?;
+            tracing::info!("CUDA device {}: {}", device.cuda_device, backend.describe());
+            start_on(name, &dir, backend, tokenizer, opts, handle_opts)
+        }
+    }
+}
+
+fn start_on<B: Backend>(
+    name: String,
+    dir: &std::path::Path,
+    backend: B,
+    tokenizer: tokens::Tokenizer,
+    opts: &EngineOptions,
+    handle_opts: HandleOptions,
+) -> Result<ModelService> {
+    let mut progress = LoadProgress::new();
+    let eng = build_engine(dir, backend, opts, &mut |d, t| progress.update(d, t))
+        .with_context(|| format!("loading {}", dir.display()))?;
+    progress.finish();
     Ok(ModelService::start(name, eng, tokenizer, handle_opts))
 }
 

@@ -26,7 +26,7 @@ use graph::{DecodeGraph, Recording};
 
 use super::{AttnLayout, Backend, ForwardBatch, KvCacheSpec, QkNorm};
 use crate::model::{DType, HostTensor, ModelError};
-use module::{Kernels, GEMV_COLS_PER_BLOCK, GEMV_MAX_ROWS, GROUPS, HEAD_DIMS};
+use module::{gemv_cols_per_warp, Kernels, GEMV_MAX_ROWS, GEMV_WARPS, GROUPS, HEAD_DIMS};
 
 /// Why the CUDA backend could not start or run, grouped by what the user can do about it.
 #[derive(Debug, thiserror::Error)]
@@ -485,14 +485,14 @@ impl CudaBackend {
         check(r, "cublasGemmEx");
     }
 
-    /// `out[rows, w.rows] = x[rows, w.cols] · wᵀ` for `x.rows <= GEMV_MAX_ROWS`: one warp
-    /// per output column streams its weight row once (see `gemv_body` in the kernels).
+    /// `out[rows, w.rows] = x[rows, w.cols] · wᵀ` for `x.rows <= GEMV_MAX_ROWS`: each warp
+    /// streams the weight rows of its 1–4 output columns once (see `gemv_body` in the kernels).
     fn gemv(&self, x: &CudaAct, w: &CudaWeight, out: &CudaAct) {
-        debug_assert!((1..=GEMV_MAX_ROWS).contains(&x.rows) && w.cols % 8 == 0);
+        debug_assert!((1..=GEMV_MAX_ROWS).contains(&x.rows) && w.cols.is_multiple_of(8));
         self.launch(
             &self.k.gemv[x.rows - 1],
-            (grid(w.rows, GEMV_COLS_PER_BLOCK), 1, 1),
-            (GEMV_COLS_PER_BLOCK * 32) as u32,
+            (grid(w.rows, GEMV_WARPS * gemv_cols_per_warp(x.rows)), 1, 1),
+            (GEMV_WARPS * 32) as u32,
             &[
                 A::P(self.act_ptr(x)),
                 A::P(self.ptr(&w.buf)),
@@ -505,7 +505,7 @@ impl CudaBackend {
     }
 
     fn use_gemv(&self, rows: usize, cols: usize) -> bool {
-        self.gemv_on.get() && rows <= GEMV_MAX_ROWS && cols % 8 == 0
+        self.gemv_on.get() && rows <= GEMV_MAX_ROWS && cols.is_multiple_of(8)
     }
 
     /// Checks and times the skinny-GEMM kernel against cuBLAS on fresh random bf16 inputs
@@ -519,7 +519,7 @@ impl CudaBackend {
         k: usize,
         seed: u64,
     ) -> Result<GemvReport, CudaError> {
-        if !(1..=GEMV_MAX_ROWS).contains(&m) || k % 8 != 0 || n == 0 {
+        if !(1..=GEMV_MAX_ROWS).contains(&m) || !k.is_multiple_of(8) || n == 0 {
             return Err(CudaError::Device(format!(
                 "gemv_check: bad shape {m}x{n}x{k}"
             )));

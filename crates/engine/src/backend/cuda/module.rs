@@ -105,8 +105,18 @@ pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 pub const GROUPS: [usize; 4] = [1, 2, 4, 8];
 /// Largest row count served by the skinny-GEMM kernels (`gemv_1` … `gemv_8`).
 pub const GEMV_MAX_ROWS: usize = 8;
-/// Output columns per `gemv_M` block (one warp each; `GEMV_WARPS` in the kernels).
-pub const GEMV_COLS_PER_BLOCK: usize = 4;
+/// Warps per `gemv_M` block (`GEMV_WARPS` in the kernels).
+pub const GEMV_WARPS: usize = 4;
+
+/// Output columns each warp of `gemv_M` computes (the second argument of `GEMV(M, NR)` in
+/// the kernels): more columns share each activation load, fewer keep small N spread.
+pub fn gemv_cols_per_warp(m: usize) -> usize {
+    match m {
+        1 => 1,
+        2 | 3 => 2,
+        _ => 4,
+    }
+}
 
 impl Kernels {
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, CudaError> {

@@ -60,6 +60,9 @@ impl CudaBackend {
     pub fn set_cuda_graphs(&self, _on: bool) {
         match self.0 {}
     }
+    pub fn set_gemv(&self, _on: bool) {
+        match self.0 {}
+    }
     pub fn cuda_graphs(&self) -> bool {
         match self.0 {}
     }

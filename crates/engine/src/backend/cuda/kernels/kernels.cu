@@ -593,14 +593,15 @@ PREFILL(128)
 
 // ---------------------------------------------------------------------------------------
 // Skinny GEMM for M <= 8 rows (decode): out[m, n] = sum_k x[m, k] * w[n, k].
-// Weight-bandwidth bound: each warp owns one output column n and streams that weight row
-// once with 16-byte non-allocating loads (GEMV_UNROLL in flight per lane); the M activation
-// rows are small and re-read through L1. f32 accumulation; each row's sum is formed in the
-// same order whatever M is, so a sequence's result does not depend on its batch.
-// `k` is a multiple of 8 (checked on host).
+// Weight-bandwidth bound: each warp owns NR consecutive output columns and streams those
+// weight rows once with 16-byte non-allocating loads (8 in flight per lane); the M
+// activation rows are small and re-read through L1, once per NR columns. f32 accumulation.
+// Every output is summed in the same order (each lane's chunks c = lane + 32 i in rising i,
+// then a butterfly over the warp) whatever M and NR are, so a sequence's result does not
+// depend on its batch. `k` is a multiple of 8 (checked on host).
 
 #define GEMV_WARPS 4
-#define GEMV_UNROLL 8
+#define GEMV_LOADS 8
 
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     uint4 v;
@@ -610,63 +611,78 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     return v;
 }
 
-__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
-    float fa[8], fb[8];
-    unpack8(a, fa);
-    unpack8(b, fb);
-    float s = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; i++) s = fmaf(fa[i], fb[i], s);
-    return s;
-}
-
-template <int M>
+template <int M, int NR>
 __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                           bf16* __restrict__ out, int n, int k) {
+    constexpr int U = GEMV_LOADS / NR;
     int lane = threadIdx.x & 31;
-    int col = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (col >= n) return;
+    int col0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * NR;
+    if (col0 >= n) return;
     int k8 = k >> 3;
-    const uint4* wr = (const uint4*)(w + (size_t)col * k);
-    float acc[M];
+    const uint4* wr[NR];
+    bool live[NR];
 #pragma unroll
-    for (int m = 0; m < M; m++) acc[m] = 0.f;
-    for (int base = lane; base < k8; base += 32 * GEMV_UNROLL) {
-        uint4 wv[GEMV_UNROLL];
+    for (int j = 0; j < NR; j++) {
+        live[j] = col0 + j < n;
+        wr[j] = (const uint4*)(w + (size_t)(live[j] ? col0 + j : col0) * k);
+    }
+    float acc[M][NR];
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) {
+    for (int m = 0; m < M; m++)
+#pragma unroll
+        for (int j = 0; j < NR; j++) acc[m][j] = 0.f;
+    for (int base = lane; base < k8; base += 32 * U) {
+        uint4 wv[U][NR];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
             int c = base + 32 * u;
-            wv[u] = c < k8 ? ld_stream(wr + c) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int j = 0; j < NR; j++)
+                wv[u][j] = (c < k8 && live[j]) ? ld_stream(wr[j] + c) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             int c = base + 32 * u;
             if (c < k8) {
+                float wf[NR][8];
+#pragma unroll
+                for (int j = 0; j < NR; j++) unpack8(wv[u][j], wf[j]);
 #pragma unroll
                 for (int m = 0; m < M; m++) {
-                    uint4 xv = __ldg((const uint4*)(x + (size_t)m * k) + c);
-                    acc[m] += dot8(wv[u], xv);
+                    float xf[8];
+                    unpack8(__ldg((const uint4*)(x + (size_t)m * k) + c), xf);
+#pragma unroll
+                    for (int j = 0; j < NR; j++) {
+                        float d = 0.f;
+#pragma unroll
+                        for (int i = 0; i < 8; i++) d = fmaf(wf[j][i], xf[i], d);
+                        acc[m][j] += d;
+                    }
                 }
             }
         }
     }
 #pragma unroll
-    for (int m = 0; m < M; m++) {
-        float s = warp_sum(acc[m]);
-        if (lane == 0) out[(size_t)m * n + col] = f2bf(s);
-    }
+    for (int m = 0; m < M; m++)
+#pragma unroll
+        for (int j = 0; j < NR; j++) {
+            float s = warp_sum(acc[m][j]);
+            if (lane == 0 && live[j]) out[(size_t)m * n + col0 + j] = f2bf(s);
+        }
 }
 
-#define GEMV(M)                                                                               \
+// gemv_M serves M rows with GEMV_NR(M) columns per warp (kept in step with the host's
+// `gemv_cols_per_warp`).
+#define GEMV(M, NR)                                                                           \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                             \
         gemv_##M(const bf16* x, const bf16* w, bf16* out, int n, int k) {                     \
-        gemv_body<M>(x, w, out, n, k);                                                        \
+        gemv_body<M, NR>(x, w, out, n, k);                                                    \
     }
-GEMV(1)
-GEMV(2)
-GEMV(3)
-GEMV(4)
-GEMV(5)
-GEMV(6)
-GEMV(7)
-GEMV(8)
+GEMV(1, 1)
+GEMV(2, 2)
+GEMV(3, 2)
+GEMV(4, 4)
+GEMV(5, 4)
+GEMV(6, 4)
+GEMV(7, 4)
+GEMV(8, 4)
