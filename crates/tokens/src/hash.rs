@@ -81,7 +81,6 @@ mod tests {
     #[test]
     fn version_one_is_stable() {
         // Pin the definition: a change here must come with a version bump.
-        assert_eq!(hash_block(None, &[1, 2, 3, 4]), hash_block(None, &[1, 2, 3, 4]));
         let h = hash_block(None, &[0, 1, 2, 3]);
         assert_eq!(h, PINNED_V1);
     }
