@@ -39,38 +39,37 @@ pub struct Model<B: Backend> {
     weight_bytes: usize,
 }
 
-/// Uploads `parts`, each cut to this rank's split, as one fused matrix.
+/// Calls `upload` with `parts`, each cut to this rank's split (copied only when cut).
+fn upload_split<T>(
+    parts: &[(HostTensor<'_>, Split)],
+    upload: impl FnOnce(&[HostTensor<'_>]) -> Result<T, ModelError>,
+) -> Result<T, ModelError> {
+    let owned = parts
+        .iter()
+        .map(|(t, s)| slice(t, s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let views: Vec<HostTensor<'_>> = parts
+        .iter()
+        .zip(&owned)
+        .map(|((t, _), o)| o.as_ref().map_or(*t, |o| o.view()))
+        .collect();
+    upload(&views)
+}
+
+/// This rank's part of `parts` as one fused matrix.
 fn upload_matrix<B: Backend>(
     backend: &B,
     parts: &[(HostTensor<'_>, Split)],
 ) -> Result<B::Weight, ModelError> {
-    let owned = parts
-        .iter()
-        .map(|(t, s)| slice(t, s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let views: Vec<HostTensor<'_>> = parts
-        .iter()
-        .zip(&owned)
-        .map(|((t, _), o)| o.as_ref().map_or(*t, |o| o.view()))
-        .collect();
-    backend.upload_matrix(&views)
+    upload_split(parts, |v| backend.upload_matrix(v))
 }
 
-/// As [`upload_matrix`], for 1-D parameters.
+/// This rank's part of `parts` as one 1-D parameter.
 fn upload_vector<B: Backend>(
     backend: &B,
     parts: &[(HostTensor<'_>, Split)],
 ) -> Result<B::Vector, ModelError> {
-    let owned = parts
-        .iter()
-        .map(|(t, s)| slice(t, s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let views: Vec<HostTensor<'_>> = parts
-        .iter()
-        .zip(&owned)
-        .map(|((t, _), o)| o.as_ref().map_or(*t, |o| o.view()))
-        .collect();
-    backend.upload_vector(&views)
+    upload_split(parts, |v| backend.upload_vector(v))
 }
 
 impl<B: Backend> Model<B> {
