@@ -7,8 +7,9 @@
 # BIN_DIR holds `switchyard` and `cuda_check` (default gpu-bin). STAGES: check, synth,
 # bench, eager (batch-1 decode with CUDA graphs off, for comparison), cublas (batch-1 decode
 # with every matmul on cuBLAS, SWITCHYARD_CUDA_GEMV=0, for comparison), cli (`switchyard
-# bench engine`), serve (`switchyard serve --device cuda` on the 8b model, loaded once, and
-# `switchyard bench serve` at concurrency 1, 16 and 64: TTFT and inter-token p50/p99)
+# bench engine`), sampling (W1 greedy, then sampled with T 0.8, top_p 0.95 on the device
+# and on the host), serve (`switchyard serve --device cuda` on the 8b model, loaded once,
+# and `switchyard bench serve` at concurrency 1, 16 and 64: TTFT and inter-token p50/p99)
 # (default: check synth bench eager cublas cli serve). Logs go to $OUT (or
 # /tmp/switchyard-gpu); tables print last.
 set -uo pipefail
@@ -77,6 +78,9 @@ for stage in $STAGES; do
         fi
         kill -TERM "$spid" 2>/dev/null; wait "$spid" 2>/dev/null
         tail -5 "$LOG/serve.log" ;;
+    sampling)
+        # W1 greedy, then sampled (T=0.8, top_p=0.95) on the device and on the host, one process.
+        "$BIN/cuda_check" bench "$M8B" w1 w1s w1s-host 2>&1 | tee "$LOG/bench_sampling.log" || rc=1 ;;
     cli)
         "$BIN/switchyard" bench engine --device cuda --model "$M8B" --batch 1,32,256 \
             --prompt-len 512 --decode-tokens 64 --prefill-prompts 8 --prefill-len 2048 \
@@ -84,6 +88,6 @@ for stage in $STAGES; do
     esac
 done
 echo "== summary =="
-grep -h '^|' "$LOG/check.log" "$LOG/bench.log" "$LOG/bench_eager.log" "$LOG/bench_cublas.log" \
+grep -h '^|' "$LOG/check.log" "$LOG/bench.log" "$LOG/bench_eager.log" "$LOG/bench_cublas.log" "$LOG/bench_sampling.log" \
     "$LOG/bench_engine.log" "$LOG/bench_serve.log" 2>/dev/null
 exit $rc

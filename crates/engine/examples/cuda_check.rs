@@ -4,6 +4,7 @@
 //! ```text
 //! cuda_check check             # synth tiny/small models, compare CUDA with CPU
 //! cuda_check bench MODEL_DIR   # batch-1 decode, W1 (256 × 512 / 128), prefill 8 × 2048
+//! cuda_check bench MODEL_DIR w1 w1s w1s-host   # W1 greedy, sampled on the device, on the host
 //! ```
 //!
 //! Checks: logits of mixed prefill/decode steps and of a step that reads a cached prefix
@@ -11,7 +12,9 @@
 //! invariance (one sequence alone or among others gives the same tokens) and prefix-cache
 //! hit equivalence (the same prompt twice gives the same tokens), CUDA graphs vs eager steps,
 //! and the skinny-GEMM kernel (matmuls of ≤ 8 rows) against cuBLAS and an f64 reference on
-//! the 8b model's shapes, with both timed.
+//! the 8b model's shapes, with both timed (`CUDA_CHECK_SKIP_GEMV=1` skips it), and device
+//! sampling: the kernel against the host reference and its draw frequencies on a synthetic
+//! row, top_k = 1 against greedy, seeded requests reproducible.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,8 +22,8 @@ use std::time::Instant;
 
 use engine::backend::cpu::CpuBackend;
 use engine::backend::cuda::{CudaBackend, CudaOptions};
-use engine::backend::{Backend, ForwardBatch, SeqSlice};
-use engine::core::{Executor, GenerateRequest, LlmEngine};
+use engine::backend::{sample_row_weights, Backend, ForwardBatch, RowSampling, SeqSlice};
+use engine::core::{Executor, GenerateRequest, LlmEngine, SamplingParams};
 use engine::model::{build_engine, EngineOptions, Model, ModelExecutor};
 
 fn cuda() -> CudaBackend {
@@ -202,6 +205,213 @@ fn greedy(prompt: Vec<u32>, n: u32) -> GenerateRequest {
     r
 }
 
+fn sampled(prompt: Vec<u32>, n: u32, temperature: f32, top_p: f32, seed: u64) -> GenerateRequest {
+    GenerateRequest {
+        prompt,
+        sampling: SamplingParams {
+            temperature,
+            top_p,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        },
+        max_tokens: n,
+        stop_token_ids: Vec::new(),
+        ignore_eos: true,
+    }
+}
+
+/// Uniforms in [0, 1) from a fixed xorshift stream.
+fn uniforms(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32) / (1u64 << 24) as f32
+        })
+        .collect()
+}
+
+/// Device sampling: the kernel against the host reference (same filters, same uniform) on
+/// synthetic 128256-token rows, top_k = 1 against greedy, the frequencies of 10k draws
+/// against the nucleus probabilities, and through the engine: top_k = 1 rows among sampled
+/// ones give the greedy tokens, and the same seeds give the same tokens twice.
+fn sampling_check(small: &Path, table: &mut Vec<String>) -> bool {
+    let b = cuda();
+    let mut ok = true;
+    let vocab = 128_256;
+    // A peaked row: 24 head tokens 0.35 apart (ids spread out), a tail far below, ties,
+    // a NaN and a -inf. The tail is light (≈ 0.3% of the mass at T = 1): with 10k draws a
+    // nucleus or tail of thousands of rare tokens would make the total-variation distance
+    // sampling noise (a tail in [-9, -4] gave TV 0.15 / 0.24 at top_p 0.9 / full, for the
+    // exact host draws with the same uniforms as for the device).
+    let mut row: Vec<f32> = uniforms(3, vocab).iter().map(|u| -16.0 + 5.0 * u).collect();
+    for i in 0..24 {
+        row[(i * 5_347 + 11) % vocab] = 6.0 - 0.35 * i as f32;
+    }
+    row[77] = 6.0 - 0.35 * 3.0; // a tie with head token 3
+    row[5] = f32::NAN;
+    row[6] = f32::NEG_INFINITY;
+    // The device rounds to bf16: so does the reference.
+    let row: Vec<f32> = row
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect();
+    let cases = [
+        ("T=1 top_p=0.9", 1.0, 0, 0.9, 0.0),
+        ("T=0.7 top_k=5", 0.7, 5, 1.0, 0.0),
+        ("T=1.3 top_k=50 top_p=0.8 min_p=0.05", 1.3, 50, 0.8, 0.05),
+        ("T=1 (full)", 1.0, 0, 1.0, 0.0),
+        ("T=2 min_p=0.2", 2.0, 0, 1.0, 0.2),
+    ];
+    let n = 10_000;
+    for (ci, &(name, t, k, p, mp)) in cases.iter().enumerate() {
+        let us = uniforms(100 + ci as u64, n);
+        let rows: Vec<RowSampling> = us
+            .iter()
+            .map(|&u| RowSampling {
+                temperature: t,
+                top_k: k,
+                top_p: p,
+                min_p: mp,
+                uniform: u,
+            })
+            .collect();
+        let t0 = Instant::now();
+        let ids = match b.sample_host_logits(&row, vocab, &rows) {
+            Ok(ids) => ids,
+            Err(e) => {
+                println!("sampling {name}: {e}");
+                return false;
+            }
+        };
+        let secs = t0.elapsed().as_secs_f64();
+        // The host reference: the kept weights, then the same inverse CDF per uniform.
+        let w = sample_row_weights(&row, &rows[0]);
+        let mut cum = Vec::with_capacity(vocab);
+        let mut acc = 0.0f64;
+        for &x in &w {
+            acc += x as f64;
+            cum.push(acc);
+        }
+        let total = acc;
+        let last_kept = w.iter().rposition(|&x| x > 0.0).unwrap_or(0);
+        let mut counts = vec![0u32; vocab];
+        let mut host_counts = vec![0u32; vocab];
+        let mut same = 0;
+        for (&id, &u) in ids.iter().zip(&us) {
+            counts[id as usize] += 1;
+            let target = u as f64 * total;
+            let want = cum.partition_point(|&c| c <= target).min(last_kept);
+            host_counts[want] += 1;
+            same += (id as usize == want) as usize;
+        }
+        let tv_of = |counts: &[u32]| -> f64 {
+            0.5 * w
+                .iter()
+                .zip(counts)
+                .map(|(&wi, &ci)| (wi as f64 / total - ci as f64 / n as f64).abs())
+                .sum::<f64>()
+        };
+        // The exact draws' own distance (sampling noise of 10k draws), for scale.
+        let (tv, tv_host) = (tv_of(&counts), tv_of(&host_counts));
+        let kept = w.iter().filter(|&&x| x > 0.0).count();
+        let outside = w
+            .iter()
+            .zip(&counts)
+            .filter(|(&wi, &ci)| wi == 0.0 && ci > 0)
+            .count();
+        let pass = tv < 0.03 && outside == 0 && same as f64 >= 0.995 * n as f64;
+        ok &= pass;
+        println!("sampling {name}: tv {tv:.4} (host {tv_host:.4}), kept {kept}, outside {outside}, same as host {same}/{n}, {n} rows in {:.1} ms", secs * 1e3);
+        table.push(format!(
+            "| device sampling {name}, 10k draws on a 128256-token row ({kept} kept) | TV {tv:.4} (exact host draws {tv_host:.4}); {same}/{n} equal to the host reference; {outside} outside the kept set | TV < 0.03, ≥ 99.5% equal, 0 outside | {} |",
+            verdict(pass)
+        ));
+    }
+    // top_k = 1 (any temperature) is the argmax, first maximum on ties.
+    let rows: Vec<RowSampling> = (0..64)
+        .map(|i| RowSampling {
+            temperature: 1.0,
+            top_k: 1,
+            top_p: 0.9,
+            min_p: 0.0,
+            uniform: i as f32 / 64.0,
+        })
+        .collect();
+    let many: Vec<f32> = (0..64)
+        .flat_map(|i| {
+            uniforms(900 + i, vocab)
+                .into_iter()
+                .map(|u| half::bf16::from_f32(u * 8.0).to_f32())
+        })
+        .collect();
+    let ids = b
+        .sample_host_logits(&many, vocab, &rows)
+        .unwrap_or_default();
+    let argmax_ok = ids.len() == 64
+        && ids.iter().enumerate().all(|(i, &id)| {
+            let r = &many[i * vocab..(i + 1) * vocab];
+            let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            r.iter().position(|&x| x == m) == Some(id as usize)
+        });
+    ok &= argmax_ok;
+    table.push(format!(
+        "| device sampling top_k=1 = argmax (64 rows, first max) | {} | all | {} |",
+        if argmax_ok { "all equal" } else { "differ" },
+        verdict(argmax_ok)
+    ));
+    drop(b);
+
+    // Through the engine on the small model.
+    let mut gpu = engine_of(small, cuda(), false);
+    let v = gpu.executor().vocab_size();
+    let target = toks(700, 29, v);
+    let alone = run(&mut gpu, vec![greedy(target.clone(), 32)]);
+    let mut k1 = sampled(target.clone(), 32, 1.0, 0.95, 1);
+    k1.sampling.top_k = 1;
+    let mixed = run(
+        &mut gpu,
+        vec![k1, sampled(toks(701, 17, v), 32, 0.8, 0.95, 2)],
+    );
+    let pass = alone[0] == mixed[0];
+    ok &= pass;
+    table.push(format!(
+        "| engine: top_k=1 row among sampled rows (device path) = greedy alone | {} / 32 | 32 | {} |",
+        agree(&alone[0], &mixed[0]),
+        verdict(pass)
+    ));
+    let reqs = || {
+        (0..6)
+            .map(|i| {
+                sampled(
+                    toks(800 + i, 11 + 7 * i as usize, v),
+                    40,
+                    0.8,
+                    0.95,
+                    42 + i as u64,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = run(&mut gpu, reqs());
+    let second = run(&mut gpu, reqs());
+    let distinct = first
+        .iter()
+        .flatten()
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    let pass = first == second && distinct > 1;
+    ok &= pass;
+    table.push(format!(
+        "| engine: same seeds twice, 6 seqs × 40 tokens, T=0.8 top_p=0.95 | {} ({distinct} distinct tokens) | identical | {} |",
+        if first == second { "identical" } else { "differ" },
+        verdict(pass)
+    ));
+    ok
+}
+
 fn agree(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -325,7 +535,15 @@ fn check() -> bool {
         }
     }
 
+    ok &= sampling_check(&small, &mut table);
     let _ = std::fs::remove_dir_all(&tmp);
+    if std::env::var("CUDA_CHECK_SKIP_GEMV").is_ok_and(|v| v == "1") {
+        println!("\n| check | measured | target | result |\n|---|---|---|---|");
+        for l in table {
+            println!("{l}");
+        }
+        return ok;
+    }
     let gemv_ok = gemv_check(&mut table);
     ok &= gemv_ok;
     println!("\n| check | measured | target | result |\n|---|---|---|---|");
@@ -515,6 +733,41 @@ fn bench(dir: &Path, what: &[String]) {
         ));
         println!("{}", rows.last().unwrap());
     }
+    for (what_name, label, device) in [
+        (
+            "w1s",
+            "W1 sampled (T=0.8, top_p=0.95), device sampling",
+            true,
+        ),
+        (
+            "w1s-host",
+            "W1 sampled (T=0.8, top_p=0.95), host sampling",
+            false,
+        ),
+    ] {
+        if !what.iter().any(|w| w == what_name) {
+            continue;
+        }
+        eng.executor().backend().set_device_sampling(device);
+        for i in 0..256u32 {
+            eng.add_request(
+                id,
+                sampled(toks(5000 + i, 512, v), 128, 0.8, 0.95, i as u64),
+            );
+            id += 1;
+        }
+        let t = Instant::now();
+        let mut out = 0usize;
+        while eng.has_work() {
+            out += eng.step().iter().filter(|(_, e)| e.token.is_some()).count();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        rows.push(format!(
+            "| {label} | {:.0} output tok/s ({out} tokens, {secs:.2} s) | greedy W1 above |",
+            out as f64 / secs
+        ));
+        println!("{}", rows.last().unwrap());
+    }
     println!("\n| benchmark | measured | limit |\n|---|---|---|");
     for r in rows {
         println!("{r}");
@@ -542,7 +795,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: cuda_check check | cuda_check bench MODEL_DIR [decode] [prefill] [w1]"
+                "usage: cuda_check check | cuda_check bench MODEL_DIR [decode] [prefill] [w1] [w1s] [w1s-host]"
             );
             ExitCode::from(2)
         }

@@ -47,6 +47,123 @@ impl ForwardBatch {
     }
 }
 
+/// How one logit row samples on the device: the request's filters and one uniform draw
+/// `u ∈ [0, 1)` taken on the host from the sequence's own generator (so seeds stay per
+/// request). `temperature` below 1e-5 or `top_k == 1` picks the argmax.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowSampling {
+    pub temperature: f32,
+    /// 0 is off.
+    pub top_k: u32,
+    /// 1 is off.
+    pub top_p: f32,
+    /// 0 is off.
+    pub min_p: f32,
+    pub uniform: f32,
+}
+
+/// The host reference of [`Backend::sample_rows`] for one row: the same filters and the
+/// same inverse CDF over token ids with `r.uniform` (sorting; for fallbacks and checks).
+/// NaN logits are impossible, +inf ones the largest finite value; a row with no possible
+/// token gives 0.
+pub fn sample_row_host(row: &[f32], r: &RowSampling) -> u32 {
+    let clean = |x: f32| {
+        if x.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            x.min(f32::MAX)
+        }
+    };
+    let max = row
+        .iter()
+        .map(|&x| clean(x))
+        .fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    if r.temperature < 1e-5 || r.top_k == 1 {
+        return row.iter().position(|&x| clean(x) == max).unwrap_or(0) as u32;
+    }
+    let probs = sample_row_weights(row, r);
+    let total: f64 = probs.iter().map(|&w| w as f64).sum();
+    let target = r.uniform as f64 * total;
+    let mut acc = 0.0;
+    let mut last = 0;
+    for (i, &w) in probs.iter().enumerate() {
+        if w > 0.0 {
+            acc += w as f64;
+            last = i;
+            if acc > target {
+                return i as u32;
+            }
+        }
+    }
+    last as u32
+}
+
+/// The unnormalised weights [`sample_row_host`] draws from (0 outside the kept set).
+pub fn sample_row_weights(row: &[f32], r: &RowSampling) -> Vec<f32> {
+    let clean = |x: f32| {
+        if x.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            x.min(f32::MAX)
+        }
+    };
+    let x: Vec<f32> = row.iter().map(|&v| clean(v)).collect();
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sorted = x.clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let k = r.top_k as usize;
+    let kth = if k == 0 || k >= x.len() {
+        f32::NEG_INFINITY
+    } else {
+        sorted[k - 1]
+    };
+    let inv_t = 1.0 / r.temperature;
+    let mut w: Vec<f32> = x
+        .iter()
+        .map(|&v| {
+            let w = if v == f32::NEG_INFINITY {
+                0.0
+            } else {
+                ((v - max) * inv_t).exp()
+            };
+            if v >= kth && w >= r.min_p {
+                w
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    if r.top_p < 1.0 {
+        // The nucleus: tokens whose more likely tokens weigh less than top_p of the total.
+        let total: f64 = w.iter().map(|&v| v as f64).sum();
+        let mut order: Vec<usize> = (0..w.len()).filter(|&i| w[i] > 0.0).collect();
+        order.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
+        let cut = r.top_p as f64 * total;
+        let (mut above, mut i) = (0.0, 0);
+        let mut threshold = 0.0;
+        while i < order.len() {
+            let v = w[order[i]];
+            if above >= cut {
+                break;
+            }
+            threshold = v;
+            while i < order.len() && w[order[i]] == v {
+                above += v as f64;
+                i += 1;
+            }
+        }
+        for v in w.iter_mut() {
+            if *v < threshold {
+                *v = 0.0;
+            }
+        }
+    }
+    w
+}
+
 /// Geometry of the paged KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvCacheSpec {
@@ -191,6 +308,16 @@ pub trait Backend: Send + 'static {
     fn argmax_rows(&self, _x: &Self::Act) -> Option<Vec<u32>> {
         None
     }
+    /// Whether [`Backend::sample_rows`] runs on the device.
+    fn has_device_sampling(&self) -> bool {
+        false
+    }
+    /// Samples one token per row of `logits` where they live (temperature, top-k, top-p,
+    /// min-p, inverse CDF with each row's uniform) and returns the ids; `None` if the
+    /// backend has no such kernel (the caller copies the logits out).
+    fn sample_rows(&self, _logits: &Self::Act, _rows: &[RowSampling]) -> Option<Vec<u32>> {
+        None
+    }
     /// Runs a greedy step as a recorded device graph (CUDA graphs) and returns each logit
     /// row's argmax, recording the graph first when needed. `forward` runs the model over
     /// the batch it is given (the backend may pad `batch` to a fixed size) and returns its
@@ -201,5 +328,74 @@ pub trait Backend: Send + 'static {
         _forward: &mut dyn FnMut(&Self, &ForwardBatch) -> Self::Act,
     ) -> Option<Vec<u32>> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rs(temperature: f32, top_k: u32, top_p: f32, min_p: f32, uniform: f32) -> RowSampling {
+        RowSampling {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            uniform,
+        }
+    }
+
+    #[test]
+    fn host_reference_greedy_is_the_first_maximum() {
+        let row = [1.0, f32::NAN, 3.0, 3.0, f32::NEG_INFINITY];
+        assert_eq!(sample_row_host(&row, &rs(0.0, 0, 1.0, 0.0, 0.7)), 2);
+        assert_eq!(sample_row_host(&row, &rs(1.0, 1, 1.0, 0.0, 0.7)), 2);
+        assert_eq!(
+            sample_row_host(&[f32::NAN; 3], &rs(1.0, 0, 1.0, 0.0, 0.5)),
+            0
+        );
+    }
+
+    #[test]
+    fn host_reference_filters_match_the_sampler_semantics() {
+        let ln = |p: &[f32]| p.iter().map(|x| x.ln()).collect::<Vec<f32>>();
+        let row = ln(&[0.15, 0.5, 0.05, 0.3]);
+        // Nucleus 0.75: 0.5 and 0.3 (the tokens more likely than 0.15 weigh 0.8 ≥ 0.75).
+        let w = sample_row_weights(&row, &rs(1.0, 0, 0.75, 0.0, 0.0));
+        assert_eq!(
+            w.iter().map(|&x| x > 0.0).collect::<Vec<_>>(),
+            [false, true, false, true]
+        );
+        // top_k 2 with a tie at the cut keeps both tied tokens.
+        let tied = [1.0, 2.0, 1.0, 0.0];
+        let w = sample_row_weights(&tied, &rs(1.0, 2, 1.0, 0.0, 0.0));
+        assert_eq!(
+            w.iter().map(|&x| x > 0.0).collect::<Vec<_>>(),
+            [true, true, true, false]
+        );
+        // min_p 0.4 of the top probability 0.5: keeps 0.5 and 0.3.
+        let w = sample_row_weights(&row, &rs(1.0, 0, 1.0, 0.4, 0.0));
+        assert_eq!(
+            w.iter().map(|&x| x > 0.0).collect::<Vec<_>>(),
+            [false, true, false, true]
+        );
+        // Inverse CDF over ids of the kept set: u = 0 the first, u → 1 the last.
+        let p = rs(1.0, 0, 0.75, 0.0, 0.0);
+        assert_eq!(sample_row_host(&row, &p), 1);
+        assert_eq!(
+            sample_row_host(
+                &row,
+                &RowSampling {
+                    uniform: 0.999_999,
+                    ..p
+                }
+            ),
+            3
+        );
+        assert_eq!(sample_row_host(&row, &RowSampling { uniform: 0.6, ..p }), 1);
+        assert_eq!(
+            sample_row_host(&row, &RowSampling { uniform: 0.65, ..p }),
+            3
+        );
     }
 }

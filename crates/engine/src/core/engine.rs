@@ -9,7 +9,7 @@ use super::request::{FinishReason, GenerateRequest, RequestId, SubmitError, Toke
 use super::sampler::Sampled;
 use super::scheduler::{Scheduler, SchedulerConfig};
 use super::sequence::Sequence;
-use crate::backend::{ForwardBatch, SeqSlice};
+use crate::backend::{ForwardBatch, RowSampling, SeqSlice};
 
 /// Runs forward steps: the only thing the core needs from a model and a device.
 pub trait Executor: Send + 'static {
@@ -21,6 +21,19 @@ pub trait Executor: Send + 'static {
     /// the caller uses [`Executor::execute`]. Called only when every row samples greedily
     /// with no penalties and no logprobs.
     fn execute_greedy(&mut self, _batch: &ForwardBatch) -> Option<Vec<u32>> {
+        None
+    }
+    /// Whether [`Executor::execute_sample`] can sample on the device (asked before the
+    /// engine draws the rows' uniforms, so executors without it leave the generators as
+    /// they were).
+    fn has_device_sampling(&self) -> bool {
+        false
+    }
+    /// Runs `batch` and samples each logit row on the device with `rows[i]` (filters and
+    /// one uniform from the sequence's generator), returning the tokens. `None` means
+    /// nothing ran and the caller uses [`Executor::execute`]. Called only when no row has
+    /// penalties or logprobs.
+    fn execute_sample(&mut self, _batch: &ForwardBatch, _rows: &[RowSampling]) -> Option<Vec<u32>> {
         None
     }
 }
@@ -187,17 +200,43 @@ impl<E: Executor> LlmEngine<E> {
             }
         }
 
-        let greedy_only = !samplers.is_empty()
-            && samplers.iter().all(|&i| {
-                let p = &self.sched.running[i].req.sampling;
-                p.is_greedy()
-                    && p.logprobs.is_none()
-                    && p.repetition_penalty == 1.0
-                    && p.presence_penalty == 0.0
-                    && p.frequency_penalty == 0.0
-            });
+        let plain = |p: &super::SamplingParams| {
+            p.logprobs.is_none()
+                && p.repetition_penalty == 1.0
+                && p.presence_penalty == 0.0
+                && p.frequency_penalty == 0.0
+        };
+        let all_plain = !samplers.is_empty()
+            && samplers
+                .iter()
+                .all(|&i| plain(&self.sched.running[i].req.sampling));
+        let greedy_only = all_plain
+            && samplers
+                .iter()
+                .all(|&i| self.sched.running[i].req.sampling.is_greedy());
         let device_tokens = if greedy_only {
             self.exec.execute_greedy(&batch)
+        } else if all_plain && self.exec.has_device_sampling() {
+            let rows: Vec<RowSampling> = samplers
+                .iter()
+                .map(|&i| {
+                    let seq = &mut self.sched.running[i];
+                    let p = &seq.req.sampling;
+                    RowSampling {
+                        temperature: if p.is_greedy() { 0.0 } else { p.temperature },
+                        top_k: p.top_k,
+                        top_p: p.top_p,
+                        min_p: p.min_p,
+                        // Greedy rows draw nothing, as on the host.
+                        uniform: if p.is_greedy() {
+                            0.0
+                        } else {
+                            (seq.sampler.next_uniform() as f32).min(1.0 - f32::EPSILON / 2.0)
+                        },
+                    }
+                })
+                .collect();
+            self.exec.execute_sample(&batch, &rows)
         } else {
             None
         };

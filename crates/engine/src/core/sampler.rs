@@ -237,6 +237,12 @@ impl SamplerState {
         }
     }
 
+    /// One uniform draw in `[0, 1)` from this sequence's generator, for sampling on a
+    /// device (the same stream the host sampler draws from, so seeds stay per request).
+    pub fn next_uniform(&mut self) -> f64 {
+        uniform(&mut self.rng)
+    }
+
     /// Records a token the sequence accepted, for the penalties. Kept apart from
     /// [`sample`](Self::sample) so that a draft token that is later rejected (speculative
     /// decoding) leaves no trace.

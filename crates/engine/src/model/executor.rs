@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{Checkpoint, Model, ModelConfig, ModelError, TpShard};
 use crate::backend::cpu::{CpuBackend, CpuComm};
-use crate::backend::{Backend, ForwardBatch};
+use crate::backend::{Backend, ForwardBatch, RowSampling};
 use crate::core::{EngineConfig, Executor, LlmEngine, SchedulerConfig};
 
 pub struct ModelExecutor<B: Backend> {
@@ -71,6 +71,32 @@ impl<B: Backend> Executor for ModelExecutor<B> {
                 })
                 .collect()
         }))
+    }
+
+    fn has_device_sampling(&self) -> bool {
+        self.backend.has_device_sampling()
+    }
+
+    fn execute_sample(&mut self, batch: &ForwardBatch, rows: &[RowSampling]) -> Option<Vec<u32>> {
+        if !self.backend.has_device_sampling() {
+            return None;
+        }
+        let logits = self.model.forward(&self.backend, &mut self.cache, batch);
+        match self.backend.sample_rows(&logits, rows) {
+            Some(ids) => Some(ids),
+            // A backend that claims the kernel but lacks it: sample on the host with the
+            // same uniforms.
+            None => {
+                let vocab = self.model.config().vocab_size;
+                let host = self.backend.to_host(&logits);
+                Some(
+                    host.chunks_exact(vocab)
+                        .zip(rows)
+                        .map(|(row, r)| crate::backend::sample_row_host(row, r))
+                        .collect(),
+                )
+            }
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{sys as drv, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 use graph::{DecodeGraph, Recording};
 
-use super::{AttnLayout, Backend, ForwardBatch, KvCacheSpec, QkNorm};
+use super::{AttnLayout, Backend, ForwardBatch, KvCacheSpec, QkNorm, RowSampling};
 use crate::model::{DType, HostTensor, ModelError};
 use module::{gemv_cols_per_warp, Kernels, GEMV_MAX_ROWS, GEMV_WARPS, GROUPS, HEAD_DIMS};
 
@@ -212,6 +212,9 @@ pub struct CudaBackend {
     /// Whether matmuls of at most `GEMV_MAX_ROWS` rows use the skinny-GEMM kernels rather
     /// than cuBLAS (`SWITCHYARD_CUDA_GEMV=0` turns them off).
     gemv_on: Cell<bool>,
+    /// Whether non-greedy sampling runs on the device (`SWITCHYARD_CUDA_SAMPLING=0` turns
+    /// it off: the logits are copied to the host sampler).
+    sampling_on: Cell<bool>,
     /// One recorded decode step per batch bucket.
     graphs: RefCell<HashMap<usize, DecodeGraph>>,
     /// The recording in progress, if any: allocations and metadata come from it.
@@ -306,6 +309,9 @@ impl CudaBackend {
             partials: RefCell::new(None),
             graphs_on: Cell::new(graphs_on),
             gemv_on: Cell::new(gemv_on),
+            sampling_on: Cell::new(
+                std::env::var("SWITCHYARD_CUDA_SAMPLING").map_or(true, |v| v != "0"),
+            ),
             graphs: RefCell::new(HashMap::new()),
             rec: RefCell::new(None),
             _blas_workspace: blas_workspace,
@@ -327,6 +333,48 @@ impl CudaBackend {
     pub fn set_gemv(&self, on: bool) {
         self.gemv_on.set(on);
         self.graphs.borrow_mut().clear();
+    }
+
+    /// Turns device sampling (temperature, top-k, top-p, min-p) on or off (default on
+    /// unless `SWITCHYARD_CUDA_SAMPLING=0`); off, such steps copy the logits to the host.
+    pub fn set_device_sampling(&self, on: bool) {
+        self.sampling_on.set(on);
+    }
+
+    /// Samples rows of host logits (rounded to bf16, as the model's logits are) with the
+    /// device kernel, for checks: `logits` holds one row per entry of `rows`, or a single
+    /// row of `cols` values that every entry samples from.
+    pub fn sample_host_logits(
+        &self,
+        logits: &[f32],
+        cols: usize,
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, CudaError> {
+        let shared = logits.len() == cols;
+        if cols == 0 || (!shared && logits.len() != cols * rows.len()) {
+            return Err(CudaError::Device(format!(
+                "sample_host_logits: {} logits for {} rows of {cols}",
+                logits.len(),
+                rows.len()
+            )));
+        }
+        let bits: Vec<u16> = logits
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect();
+        let buf = self
+            .stream
+            .clone_htod(&bits)
+            .map_err(|e| CudaError::Device(format!("sample_host_logits: {e:?}")))?;
+        let x = CudaAct {
+            rows: if shared { 1 } else { rows.len() },
+            cols,
+            buf: ActBuf::Own(buf),
+        };
+        let stride = if shared { 0 } else { cols };
+        let ids = self.sample_rows_strided(&x, stride, rows);
+        self.synchronize()?;
+        Ok(ids)
     }
 
     /// Whether decode steps run as CUDA graphs.
@@ -1250,5 +1298,57 @@ impl Backend for CudaBackend {
 
     fn has_device_argmax(&self) -> bool {
         true
+    }
+
+    fn has_device_sampling(&self) -> bool {
+        self.sampling_on.get()
+    }
+
+    fn sample_rows(&self, x: &CudaAct, rows: &[RowSampling]) -> Option<Vec<u32>> {
+        assert_eq!(
+            x.rows,
+            rows.len(),
+            "sample_rows: one RowSampling per logit row"
+        );
+        Some(self.sample_rows_strided(x, x.cols, rows))
+    }
+}
+
+impl CudaBackend {
+    /// [`Backend::sample_rows`] over `rows.len()` rows starting `stride` values apart in
+    /// `x` (0: all rows read `x`'s first row).
+    fn sample_rows_strided(&self, x: &CudaAct, stride: usize, rows: &[RowSampling]) -> Vec<u32> {
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        let params: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| {
+                [
+                    r.temperature.to_bits(),
+                    r.top_p.to_bits(),
+                    r.min_p.to_bits(),
+                    r.uniform.to_bits(),
+                    r.top_k,
+                ]
+            })
+            .collect();
+        let params = check(self.stream.clone_htod(&params), "uploading sampling params");
+        // SAFETY: one id per row, all written by the kernel.
+        let idx = check(unsafe { self.stream.alloc::<u32>(rows.len()) }, "alloc");
+        self.launch(
+            &self.k.sample_rows,
+            (rows.len() as u32, 1, 1),
+            1024,
+            &[
+                A::P(self.act_ptr(x)),
+                A::I(x.cols as i32),
+                A::L(stride as i64),
+                A::P(self.ptr(&params)),
+                A::P(self.ptr(&idx)),
+            ],
+            "sample_rows",
+        );
+        check(self.stream.clone_dtoh(&idx), "copying sampled tokens")
     }
 }

@@ -91,6 +91,7 @@ pub struct Kernels {
     pub qk_norm_rope: CudaFunction,
     pub write_kv: CudaFunction,
     pub argmax_rows: CudaFunction,
+    pub sample_rows: CudaFunction,
     pub bf16_to_f32: CudaFunction,
     pub decode_reduce: CudaFunction,
     /// `gemv_M` for M = 1..=GEMV_MAX_ROWS, at index M - 1.
@@ -159,6 +160,7 @@ impl Kernels {
             qk_norm_rope: f("qk_norm_rope")?,
             write_kv: f("write_kv")?,
             argmax_rows: f("argmax_rows")?,
+            sample_rows: f("sample_rows")?,
             bf16_to_f32: f("bf16_to_f32")?,
             decode_reduce: f("decode_reduce")?,
             gemv: (1..=GEMV_MAX_ROWS)

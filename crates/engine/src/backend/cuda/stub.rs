@@ -69,6 +69,17 @@ impl CudaBackend {
     pub fn cuda_graph_buckets(&self) -> Vec<usize> {
         match self.0 {}
     }
+    pub fn set_device_sampling(&self, _on: bool) {
+        match self.0 {}
+    }
+    pub fn sample_host_logits(
+        &self,
+        _logits: &[f32],
+        _cols: usize,
+        _rows: &[super::RowSampling],
+    ) -> Result<Vec<u32>, CudaError> {
+        match self.0 {}
+    }
 }
 
 impl Backend for CudaBackend {

@@ -686,3 +686,193 @@ GEMV(5, 4)
 GEMV(6, 4)
 GEMV(7, 4)
 GEMV(8, 4)
+
+// ---------------------------------------------------------------------------------------
+// Sampling on the device: one block (1024 threads) per logit row. Logits are bf16, so every
+// threshold is one of 65536 order keys and is found exactly by a 16-step bisection over
+// keys, each step one block-wide count or mass reduction over the row (no sort). The CPU
+// sampler's semantics: NaN impossible, +inf the largest finite value; top_k keeps tokens at
+// or above the k-th largest logit (ties included); weights exp((x - max) / T) (the most
+// likely token weighs 1) below min_p are dropped; the nucleus keeps the tokens whose more
+// likely tokens weigh less than top_p of what is left; then inverse CDF over token ids with
+// the row's uniform. T < 1e-5 or top_k == 1: the first maximum.
+//
+// Row r's logits start at r * stride (stride 0: every row samples the same logits, for
+// checks). params: 5 words per row: temperature, top_p, min_p, uniform (f32 bits), top_k (u32).
+
+// Order key of a (sanitised) bf16 value: monotone in the value.
+__device__ __forceinline__ u32 bf_key(bf16 b) {
+    if ((b & 0x7fffu) > 0x7f80u) b = 0xff80u;          // NaN -> -inf
+    else if (b == 0x7f80u) b = 0x7f7fu;                // +inf -> largest finite
+    else if (b == 0x8000u) b = 0u;                     // -0 -> +0
+    return (b & 0x8000u) ? (~(u32)b & 0xffffu) : ((u32)b | 0x8000u);
+}
+
+__device__ __forceinline__ float key_val(u32 k) {
+    u32 b = (k & 0x8000u) ? (k & 0x7fffu) : (~k & 0xffffu);
+    return bf2f((bf16)b);
+}
+
+#define KEY_NEG_INF 0x007fu  // bf_key(0xff80)
+
+__device__ __forceinline__ float key_weight(u32 k, float m, float inv_t) {
+    return k <= KEY_NEG_INF ? 0.f : __expf((key_val(k) - m) * inv_t);
+}
+
+__device__ u32 block_max_u32(u32 v) {
+    __shared__ u32 part[32];
+    __shared__ u32 total;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        u32 s = lane < (int)((blockDim.x + 31) >> 5) ? part[lane] : 0u;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s = max(s, __shfl_xor_sync(0xffffffffu, s, o));
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    u32 r = total;
+    __syncthreads();
+    return r;
+}
+
+__device__ u32 block_min_u32(u32 v) { return ~block_max_u32(~v); }
+
+// Exclusive prefix sum over the block's threads (in thread order); `total` gets the sum.
+__device__ float block_exclusive_scan(float v, float* total) {
+    __shared__ float part[32];
+    __shared__ float tot;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        float y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) part[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int nw = (blockDim.x + 31) >> 5;
+        float s = lane < nw ? part[lane] : 0.f;
+        float t = s;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            float y = __shfl_up_sync(0xffffffffu, t, o);
+            if (lane >= o) t += y;
+        }
+        part[lane] = t - s;  // exclusive offset of each warp
+        if (lane == 31) tot = t;
+    }
+    __syncthreads();
+    float r = part[warp] + x - v;
+    *total = tot;
+    __syncthreads();
+    return r;
+}
+
+extern "C" __global__ void __launch_bounds__(1024) sample_rows(
+    const bf16* logits, int cols, long long stride, const u32* params, u32* out) {
+    const bf16* row = logits + (size_t)blockIdx.x * stride;
+    const u32* pr = params + 5 * blockIdx.x;
+    float temp = __uint_as_float(pr[0]), top_p = __uint_as_float(pr[1]);
+    float min_p = __uint_as_float(pr[2]), u = __uint_as_float(pr[3]);
+    u32 top_k = pr[4];
+
+    // Largest key.
+    u32 kmax = 0;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) kmax = max(kmax, bf_key(row[c]));
+    kmax = block_max_u32(kmax);
+    if (kmax <= KEY_NEG_INF) {  // no possible token
+        if (threadIdx.x == 0) out[blockIdx.x] = 0;
+        return;
+    }
+    if (!(temp >= 1e-5f) || top_k == 1) {  // greedy: the first maximum
+        u32 first = 0xffffffffu;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x)
+            if (bf_key(row[c]) == kmax) { first = c; break; }
+        first = block_min_u32(first);
+        if (threadIdx.x == 0) out[blockIdx.x] = first;
+        return;
+    }
+    float m = key_val(kmax), inv_t = 1.f / temp;
+
+    // top_k: the largest key t with count(key >= t) >= k.
+    u32 lo = 0;
+    if (top_k > 0 && top_k < (u32)cols) {
+        u32 hi = 0x10000u;
+        while (hi - lo > 1) {
+            u32 mid = (lo + hi) >> 1;
+            float n = 0.f;
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) n += bf_key(row[c]) >= mid ? 1.f : 0.f;
+            n = block_sum(n);
+            if (n >= (float)top_k) lo = mid; else hi = mid;
+        }
+    }
+    // min_p works on weights, which are monotone in the key: fold it into the threshold
+    // as a weight test below (exact, as on the host).
+    // top_p: the largest key t >= lo with mass(key >= t, kept) >= top_p * mass(kept).
+    if (top_p < 1.f) {
+        float z = 0.f;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            u32 k = bf_key(row[c]);
+            float w = key_weight(k, m, inv_t);
+            z += (k >= lo && w >= min_p) ? w : 0.f;
+        }
+        z = block_sum(z);
+        float need = top_p * z;
+        u32 hi = 0x10000u;
+        while (hi - lo > 1) {
+            u32 mid = (lo + hi) >> 1;
+            float s = 0.f;
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                u32 k = bf_key(row[c]);
+                float w = key_weight(k, m, inv_t);
+                s += (k >= mid && w >= min_p) ? w : 0.f;
+            }
+            s = block_sum(s);
+            if (s >= need) lo = mid; else hi = mid;
+        }
+    }
+
+    // Inverse CDF over token ids: each thread owns a contiguous run of ids.
+    int per = (cols + blockDim.x - 1) / blockDim.x;
+    int c0 = min(cols, (int)threadIdx.x * per), c1 = min(cols, c0 + per);
+    float mine = 0.f;
+    int last_kept = -1;
+    for (int c = c0; c < c1; c++) {
+        u32 k = bf_key(row[c]);
+        float w = key_weight(k, m, inv_t);
+        if (k >= lo && w >= min_p && w > 0.f) { mine += w; last_kept = c; }
+    }
+    float total;
+    float off = block_exclusive_scan(mine, &total);
+    float target = u * total;
+    // The last thread holding any weight takes targets past the end (rounding).
+    u32 last_owner = block_max_u32(last_kept >= 0 ? threadIdx.x + 1 : 0u);
+    __shared__ u32 chosen;
+    if (threadIdx.x == 0) chosen = 0xffffffffu;
+    __syncthreads();
+    bool owner = last_kept >= 0 && off <= target &&
+                 (target < off + mine || threadIdx.x + 1 == last_owner);
+    if (owner) {
+        float acc = off;
+        int pick = last_kept;
+        for (int c = c0; c < c1; c++) {
+            u32 k = bf_key(row[c]);
+            float w = key_weight(k, m, inv_t);
+            if (k >= lo && w >= min_p && w > 0.f) {
+                acc += w;
+                if (acc > target) { pick = c; break; }
+            }
+        }
+        atomicMin(&chosen, (u32)pick);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 id = chosen;
+        out[blockIdx.x] = id == 0xffffffffu ? 0u : id;  // unreachable: the set is non-empty
+    }
+}
