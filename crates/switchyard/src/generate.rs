@@ -294,6 +294,19 @@ fn generate_on<B: Backend>(
 }
 
 pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
+    if args.batch.contains(&0) {
+        anyhow::bail!("--batch: every batch size must be at least 1");
+    }
+    for (name, v) in [
+        ("--prompt-len", args.prompt_len),
+        ("--decode-tokens", args.decode_tokens),
+        ("--prefill-prompts", args.prefill_prompts),
+        ("--prefill-len", args.prefill_len),
+    ] {
+        if v == 0 {
+            anyhow::bail!("{name} must be at least 1");
+        }
+    }
     let model = models::resolve(args.model)?;
     let opts = bench::engine_bench::EngineBenchOptions {
         model,

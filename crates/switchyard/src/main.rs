@@ -5,6 +5,7 @@ mod models;
 mod serve;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -89,8 +90,19 @@ enum DTypeArg {
     F32,
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+/// Errors print as one `error:` line with their causes (no backtrace: they are the user's
+/// to act on, not ours to debug), and the exit code is 1.
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Model {
             command: ModelCommand::Synth(args),
