@@ -201,6 +201,27 @@ impl AttnLayout {
     }
 }
 
+/// Shape `(rows, cols)` of `parts` fused along the output dimension, checking that they
+/// are 2-D with equal column counts and one dtype (backends upload such fusions as one
+/// matrix: q|k|v, gate|up).
+pub fn fused_shape(parts: &[HostTensor<'_>]) -> Result<(usize, usize), ModelError> {
+    let first = parts
+        .first()
+        .ok_or_else(|| ModelError::Backend("upload_matrix: no parts".into()))?;
+    let cols = *first.shape.get(1).unwrap_or(&0);
+    let mut rows = 0;
+    for p in parts {
+        if p.shape.len() != 2 || p.shape[1] != cols || p.dtype != first.dtype {
+            return Err(ModelError::Backend(format!(
+                "tensor {:?} ({:?} {:?}) cannot be fused with {:?} ({:?} {:?})",
+                p.name, p.dtype, p.shape, first.name, first.dtype, first.shape
+            )));
+        }
+        rows += p.shape[0];
+    }
+    Ok((rows, cols))
+}
+
 /// Per-head RMSNorm weights for q and k (Qwen3), applied before RoPE.
 pub struct QkNorm<'a, V> {
     pub q: &'a V,

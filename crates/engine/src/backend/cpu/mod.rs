@@ -256,20 +256,8 @@ impl Backend for CpuBackend {
     }
 
     fn upload_matrix(&self, parts: &[HostTensor<'_>]) -> Result<Matrix, ModelError> {
-        let first = parts
-            .first()
-            .ok_or_else(|| ModelError::Backend("upload_matrix: no parts".into()))?;
-        let cols = *first.shape.get(1).unwrap_or(&0);
-        let mut rows = 0;
-        for p in parts {
-            if p.shape.len() != 2 || p.shape[1] != cols || p.dtype != first.dtype {
-                return Err(ModelError::Backend(format!(
-                    "tensor {:?} ({:?} {:?}) cannot be fused with {:?} ({:?} {:?})",
-                    p.name, p.dtype, p.shape, first.name, first.dtype, first.shape
-                )));
-            }
-            rows += p.shape[0];
-        }
+        let (rows, cols) = super::fused_shape(parts)?;
+        let first = &parts[0];
         if first.dtype != DType::F32 {
             self.half_weights.store(true, Ordering::Relaxed);
         }

@@ -822,20 +822,8 @@ impl Backend for CudaBackend {
     }
 
     fn upload_matrix(&self, parts: &[HostTensor<'_>]) -> Result<CudaWeight, ModelError> {
-        let first = parts
-            .first()
-            .ok_or_else(|| ModelError::Backend("upload_matrix: no parts".into()))?;
-        let cols = *first.shape.get(1).unwrap_or(&0);
-        let mut rows = 0;
-        for p in parts {
-            if p.shape.len() != 2 || p.shape[1] != cols {
-                return Err(ModelError::Backend(format!(
-                    "tensor {:?} {:?} cannot be fused with {:?} {:?}",
-                    p.name, p.shape, first.name, first.shape
-                )));
-            }
-            rows += p.shape[0];
-        }
+        let (rows, cols) = crate::backend::fused_shape(parts)?;
+        let first = &parts[0];
         if cols % 8 != 0 {
             return Err(ModelError::Backend(format!(
                 "tensor {:?}: {cols} columns; the CUDA kernels need a multiple of 8",
