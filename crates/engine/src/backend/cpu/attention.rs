@@ -193,12 +193,11 @@ fn widen<'a>(data: &'a KvData, base: usize, len: usize, buf: &'a mut Vec<f32>) -
     match data {
         KvData::F32(d) => &d[base..base + len],
         KvData::Bf16(d) => {
-            buf.clear();
-            buf.extend(
-                d[base..base + len]
-                    .iter()
-                    .map(|&x| f32::from_bits(u32::from(x) << 16)),
-            );
+            // Sized first and filled by index, so the loop vectorises.
+            buf.resize(len, 0.0);
+            for (o, &x) in buf.iter_mut().zip(&d[base..base + len]) {
+                *o = f32::from_bits(u32::from(x) << 16);
+            }
             buf
         }
     }
