@@ -257,7 +257,8 @@ fn generate_on<B: Backend>(
             anyhow::bail!("{e}");
         }
     };
-    let mut detok = tokens::IncrementalDetokenizer::new(tokenizer.clone(), true);
+    // The prompt's last tokens give the first generated token its context (leading space).
+    let mut detok = tokens::IncrementalDetokenizer::with_prompt(&tokenizer, &prompt_ids, true);
     let mut out_ids = Vec::new();
     let mut finish = None;
     let stdout = std::io::stdout();
