@@ -38,3 +38,12 @@ pub struct KvEvent {
     #[serde(flatten)]
     pub data: KvEventData,
 }
+
+/// What an engine's prefix cache holds at one point of its event stream: every hash
+/// present after event `last_event_id` (`None`: before any event). A consumer that missed
+/// events replaces its mirror with this and then ignores events with ids up to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvSnapshot {
+    pub last_event_id: Option<u64>,
+    pub hashes: Vec<BlockHash>,
+}

@@ -4,4 +4,4 @@
 
 pub mod kv;
 
-pub use kv::{KvEvent, KvEventData, StoredBlock};
+pub use kv::{KvEvent, KvEventData, KvSnapshot, StoredBlock};

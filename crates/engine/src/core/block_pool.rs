@@ -289,6 +289,11 @@ impl BlockPool {
         self.cached.keys().copied().collect()
     }
 
+    /// Id of the last event emitted (drained or not); `None` before the first.
+    pub fn last_event_id(&self) -> Option<u64> {
+        self.next_event_id.checked_sub(1)
+    }
+
     fn emit(&mut self, data: KvEventData) {
         self.events.push(KvEvent {
             id: self.next_event_id,

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use protocol::KvEvent;
+use protocol::{KvEvent, KvSnapshot};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::engine::{validate_request, EngineStats, Executor, LlmEngine};
@@ -21,7 +21,7 @@ enum Command {
     Add(RequestId, GenerateRequest, mpsc::Sender<TokenEvent>),
     Abort(RequestId),
     Stats(oneshot::Sender<EngineStats>),
-    CachedHashes(oneshot::Sender<Vec<u64>>),
+    KvSnapshot(oneshot::Sender<KvSnapshot>),
     ResetPrefixCache(oneshot::Sender<bool>),
     Shutdown,
 }
@@ -152,8 +152,17 @@ impl EngineHandle {
         self.ask(Command::Stats).await
     }
 
-    pub async fn cached_hashes(&self) -> Option<Vec<u64>> {
-        self.ask(Command::CachedHashes).await
+    /// The hashes in the prefix cache right now and the id of the last KV event that
+    /// state reflects. Every event up to that id has been published before the reply, so
+    /// a subscriber that resynchronises from the snapshot drops events with ids at or
+    /// below it and applies the rest.
+    pub async fn kv_snapshot(&self) -> Option<KvSnapshot> {
+        self.ask(Command::KvSnapshot).await
+    }
+
+    /// Whether the engine still takes requests (false once shut down or its thread died).
+    pub fn is_alive(&self) -> bool {
+        !self.shared.closed.load(Ordering::Acquire) && !self.shared.cmd.is_closed()
     }
 
     pub async fn reset_prefix_cache(&self) -> Option<bool> {
@@ -244,7 +253,7 @@ fn run_loop<E: Executor>(
         if !engine.has_work() {
             match rx.blocking_recv() {
                 Some(cmd) => {
-                    if !handle_command(&mut engine, &mut sinks, cmd, &finish) {
+                    if !handle_command(&mut engine, &mut sinks, &kv_tx, cmd, &finish) {
                         break 'outer;
                     }
                 }
@@ -252,7 +261,7 @@ fn run_loop<E: Executor>(
             }
         }
         while let Ok(cmd) = rx.try_recv() {
-            if !handle_command(&mut engine, &mut sinks, cmd, &finish) {
+            if !handle_command(&mut engine, &mut sinks, &kv_tx, cmd, &finish) {
                 break 'outer;
             }
         }
@@ -302,6 +311,7 @@ fn run_loop<E: Executor>(
 fn handle_command<E: Executor>(
     engine: &mut LlmEngine<E>,
     sinks: &mut HashMap<RequestId, mpsc::Sender<TokenEvent>>,
+    kv_tx: &broadcast::Sender<KvEvent>,
     cmd: Command,
     finish: &impl Fn(&mut HashMap<RequestId, mpsc::Sender<TokenEvent>>, RequestId),
 ) -> bool {
@@ -321,8 +331,16 @@ fn handle_command<E: Executor>(
         Command::Stats(reply) => {
             let _ = reply.send(engine.stats());
         }
-        Command::CachedHashes(reply) => {
-            let _ = reply.send(engine.block_pool().cached_hashes());
+        Command::KvSnapshot(reply) => {
+            // Publish what is pending first, so the snapshot's id covers every event sent.
+            for ev in engine.drain_kv_events() {
+                let _ = kv_tx.send(ev);
+            }
+            let pool = engine.block_pool();
+            let _ = reply.send(KvSnapshot {
+                last_event_id: pool.last_event_id(),
+                hashes: pool.cached_hashes(),
+            });
         }
         Command::ResetPrefixCache(reply) => {
             let _ = reply.send(engine.reset_prefix_cache());

@@ -69,6 +69,10 @@ pub enum SubmitError {
     /// The engine is stopping or has stopped (HTTP 503).
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// No instance can take the request right now (HTTP 503): none is up, or those that
+    /// were failed while it was being placed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl SubmitError {
