@@ -1,8 +1,11 @@
 //! `switchyard bench serve`: a streaming OpenAI load generator against a local server,
-//! modelled on vLLM's `benchmark_serving.py` — a bounded number of streamed requests with
-//! synthetic prompts of set lengths (optionally in shared-prefix groups), sent closed-loop
-//! (a fixed number in flight) or open-loop (Poisson arrivals), reporting throughput and
-//! TTFT / inter-token / end-to-end latency percentiles.
+//! modelled on vLLM's `benchmark_serving.py` — a bounded set of streamed requests from a
+//! [`Workload`] (synthetic prompts, multi-turn conversations or a replayed Mooncake trace),
+//! sent closed-loop (a fixed number in flight), open-loop (Poisson arrivals) or at the
+//! trace's own times, reporting throughput, TTFT / inter-token / end-to-end latency
+//! percentiles, goodput under TTFT and inter-token SLOs, and the server's prefix-cache hit
+//! rate. Open-loop runs also report how late each request left against its schedule, so a
+//! generator that cannot keep up is visible rather than silently lowering the load.
 //!
 //! It can also start `switchyard serve` itself (`--spawn`) or watch a server by PID, and
 //! then charges the server's CPU time to its threads by name: the engine thread and its
@@ -29,6 +32,8 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::workload::{self, Arrivals, Session, WorkItem, Workload};
+
 /// Which OpenAI route the requests go to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,16 +42,6 @@ pub enum Endpoint {
     Chat,
     /// `/v1/completions` with the prompt as token ids (its length is exact).
     Completions,
-}
-
-/// How requests are sent.
-#[derive(Clone, Copy, Debug, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Load {
-    /// A fixed number of requests in flight, each sent when one finishes.
-    Concurrency(usize),
-    /// Requests arrive at this mean rate per second, as a Poisson process.
-    Rate(f64),
 }
 
 /// Where the server comes from.
@@ -64,17 +59,40 @@ pub struct ServeBenchOptions {
     /// Served model name (default: the first of `GET /v1/models`).
     pub model: Option<String>,
     pub endpoint: Endpoint,
-    pub requests: usize,
-    pub load: Load,
-    pub prompt_tokens: usize,
-    pub max_tokens: usize,
-    /// Requests are spread round-robin over this many groups; 0 means no shared prefixes.
-    pub prefix_groups: usize,
-    /// Tokens of prefix shared within a group (part of `prompt_tokens`).
-    pub prefix_tokens: usize,
+    pub workload: Workload,
+    pub load: Arrivals,
+    /// Prompt token ids are drawn from `[0, vocab)`.
+    pub vocab: u32,
+    /// Seeds the prompts and the Poisson arrivals.
     pub seed: u64,
+    pub slo: Slo,
     /// Bound on each request, from sending it to its last byte.
     pub timeout: Duration,
+}
+
+/// Latency targets for goodput; a target left out is always met.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Slo {
+    /// Time to first token.
+    pub ttft_ms: Option<f64>,
+    /// The longest gap between two streamed token chunks of a request. The maximum rather
+    /// than the mean, because a reader notices the one stall (a preemption, a long prefill
+    /// batched in) that a mean would average away.
+    pub itl_ms: Option<f64>,
+}
+
+/// Completed requests that met every SLO, as a rate and a fraction.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Goodput {
+    pub slo_ttft_ms: Option<f64>,
+    pub slo_itl_ms: Option<f64>,
+    /// Requests that completed within both SLOs.
+    pub met: usize,
+    /// `met` over all requests sent (a failed request misses its SLOs).
+    pub fraction: f64,
+    pub requests_per_s: f64,
+    /// Output tokens of the requests that met the SLOs, per second.
+    pub output_tokens_per_s: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -145,13 +163,13 @@ pub struct ServeBenchReport {
     pub url: String,
     pub model: String,
     pub endpoint: Endpoint,
-    pub load: Load,
-    pub requests: usize,
-    pub prompt_tokens: usize,
-    pub max_tokens: usize,
-    pub prefix_groups: usize,
-    pub prefix_tokens: usize,
+    /// What was sent: `kind` (`synthetic`, `multi_turn`, `mooncake`) and its options.
+    pub workload: Workload,
+    pub load: Arrivals,
+    pub vocab: u32,
     pub seed: u64,
+    /// Requests in the workload (all turns of all conversations, or the trace lines taken).
+    pub requests: usize,
     pub completed: usize,
     pub failed: usize,
     /// Failures by kind: `status 429`, `timeout`, `connect`, `io`, `stream error`, ...
@@ -162,6 +180,9 @@ pub struct ServeBenchReport {
     pub total_prompt_tokens: u64,
     pub total_output_tokens: u64,
     pub total_cached_tokens: u64,
+    /// `total_cached_tokens / total_prompt_tokens`: the share of prompt tokens the server
+    /// found in its prefix cache (`usage.prompt_tokens_details.cached_tokens`).
+    pub prefix_hit_rate: f64,
     /// Output tokens of each completed request, as the server's usage reports them.
     pub output_tokens_min: u64,
     pub output_tokens_max: u64,
@@ -171,6 +192,13 @@ pub struct ServeBenchReport {
     /// Per request: (end-to-end - TTFT) / (output tokens - 1).
     pub tpot_ms: Dist,
     pub e2e_ms: Dist,
+    /// Per request: its longest gap between streamed chunks (what the ITL SLO checks).
+    pub request_max_itl_ms: Dist,
+    pub goodput: Goodput,
+    /// Open loop (rate, trace): how much later than intended each request was sent. The
+    /// intended time is its arrival time, or its conversation's previous turn's end if
+    /// that is later. A p99 beyond a few ms means the generator itself was saturated.
+    pub arrival_lag_ms: Option<Dist>,
     /// This load generator's own CPU seconds (it shares the machine with the server).
     pub client_cpu_s: f64,
     pub server_cpu: Option<ServerCpu>,
@@ -178,6 +206,9 @@ pub struct ServeBenchReport {
 
 pub fn run(opts: &ServeBenchOptions) -> Result<ServeBenchReport> {
     validate(opts)?;
+    // Read the trace and plan the sends before any server starts, so a bad file fails fast.
+    let items = opts.workload.build(opts.vocab, opts.seed)?;
+    let sessions = workload::sessions(&items, opts.load, opts.seed)?;
     // One thread is enough to drive the load and keeps the client's share of a small
     // machine low.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -192,7 +223,7 @@ pub fn run(opts: &ServeBenchOptions) -> Result<ServeBenchReport> {
             (Some(s), url, pid)
         }
     };
-    let result = rt.block_on(run_load(opts, &url, pid));
+    let result = rt.block_on(run_load(opts, &items, sessions, &url, pid));
     if let Some(s) = server {
         s.stop()?;
     }
@@ -200,22 +231,19 @@ pub fn run(opts: &ServeBenchOptions) -> Result<ServeBenchReport> {
 }
 
 fn validate(opts: &ServeBenchOptions) -> Result<()> {
-    if opts.requests == 0 {
-        bail!("--requests must be at least 1");
-    }
-    if opts.max_tokens == 0 {
-        bail!("--max-tokens must be at least 1");
-    }
-    if opts.prompt_tokens == 0 {
-        bail!("--prompt-tokens must be at least 1");
-    }
+    opts.workload.validate()?;
     match opts.load {
-        Load::Concurrency(0) => bail!("--concurrency must be at least 1"),
-        Load::Rate(r) if !(r > 0.0 && r.is_finite()) => bail!("--rate must be positive"),
+        Arrivals::Concurrency(0) => bail!("--concurrency must be at least 1"),
+        Arrivals::Rate(r) if !(r > 0.0 && r.is_finite()) => bail!("--rate must be positive"),
         _ => {}
     }
-    if opts.prefix_groups > 0 && opts.prefix_tokens >= opts.prompt_tokens {
-        bail!("--prefix-tokens must be smaller than --prompt-tokens");
+    for (flag, slo) in [
+        ("--slo-ttft-ms", opts.slo.ttft_ms),
+        ("--slo-itl-ms", opts.slo.itl_ms),
+    ] {
+        if slo.is_some_and(|v| !(v > 0.0 && v.is_finite())) {
+            bail!("{flag} must be positive");
+        }
     }
     if let Target::Url { url, .. } = &opts.target {
         Addr::parse(url)?;
@@ -356,6 +384,7 @@ impl Failure {
 struct Outcome {
     ttft: f64,
     e2e: f64,
+    /// Gaps between token chunks, in ms.
     itl: Vec<f64>,
     prompt_tokens: u64,
     output_tokens: u64,
@@ -363,32 +392,26 @@ struct Outcome {
 }
 
 /// Builds the request bodies up front, so prompt generation costs nothing during the run.
-fn bodies(opts: &ServeBenchOptions, model: &str) -> Vec<Bytes> {
-    let mut rng = SplitMix(opts.seed);
-    let groups = opts.prefix_groups;
-    let prefix_len = if groups > 0 { opts.prefix_tokens } else { 0 };
-    let prefixes: Vec<Vec<u32>> = (0..groups)
-        .map(|_| (0..prefix_len).map(|_| rng.token()).collect())
-        .collect();
-    (0..opts.requests)
-        .map(|i| {
-            let mut ids: Vec<u32> = if groups > 0 {
-                prefixes[i % groups].clone()
-            } else {
-                Vec::new()
-            };
-            ids.extend((prefix_len..opts.prompt_tokens).map(|_| rng.token()));
+fn bodies(items: &[WorkItem], endpoint: Endpoint, model: &str) -> Vec<Bytes> {
+    items
+        .iter()
+        .map(|item| {
             let mut body = json!({
                 "model": model,
-                "max_tokens": opts.max_tokens,
+                "max_tokens": item.max_tokens,
                 "ignore_eos": true,
                 "stream": true,
                 "stream_options": {"include_usage": true},
             });
-            match opts.endpoint {
-                Endpoint::Completions => body["prompt"] = json!(ids),
+            match endpoint {
+                Endpoint::Completions => body["prompt"] = json!(item.prompt),
                 Endpoint::Chat => {
-                    let text = ids.iter().map(|&t| word(t)).collect::<Vec<_>>().join(" ");
+                    let text = item
+                        .prompt
+                        .iter()
+                        .map(|&t| word(t))
+                        .collect::<Vec<_>>()
+                        .join(" ");
                     body["messages"] = json!([{"role": "user", "content": text}]);
                 }
             }
@@ -406,31 +429,6 @@ fn word(t: u32) -> &'static str {
         "up", "new", "more", "about", "first",
     ];
     WORDS[t as usize % WORDS.len()]
-}
-
-/// A seeded generator for prompts and arrival times (SplitMix64: tiny, and good enough
-/// for synthetic workloads).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Ids in 10..500: ordinary tokens in every synthetic vocabulary (the tiny one has
-    /// 512), clear of the special tokens at the bottom.
-    fn token(&mut self) -> u32 {
-        10 + (self.next() % 490) as u32
-    }
 }
 
 /// Sends one streamed request and times its chunks.
@@ -539,10 +537,54 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-type Results = Arc<Mutex<Vec<Result<Outcome, Failure>>>>;
+/// What happened to one request: its outcome, and how late it left (open loop only).
+struct Record {
+    result: Result<Outcome, Failure>,
+    lag_s: Option<f64>,
+}
+
+type Results = Arc<Mutex<Vec<Record>>>;
+
+/// What every session task shares.
+#[derive(Clone)]
+struct Runner {
+    pool: Pool,
+    path: &'static str,
+    bodies: Arc<Vec<Bytes>>,
+    results: Results,
+    timeout: Duration,
+    start: Instant,
+}
+
+impl Runner {
+    /// Sends a session's requests in order, each at the later of its due time and the end
+    /// of the one before.
+    async fn session(&self, s: &Session) {
+        let mut prev_end: Option<Instant> = None;
+        for (&i, due) in s.items.iter().zip(&s.due_s) {
+            let lag_s = match due {
+                Some(t) => {
+                    let due = self.start + Duration::from_secs_f64(*t);
+                    tokio::time::sleep_until(due.into()).await;
+                    let intended = prev_end.map_or(due, |p| p.max(due));
+                    Some(intended.elapsed().as_secs_f64())
+                }
+                None => None,
+            };
+            let result = send(&self.pool, self.path, self.bodies[i].clone(), self.timeout).await;
+            prev_end = Some(Instant::now());
+            self.results
+                .lock()
+                .expect("results lock")
+                .push(Record { result, lag_s });
+        }
+    }
+}
 
 async fn run_load(
     opts: &ServeBenchOptions,
+    items: &[WorkItem],
+    sessions: Vec<Session>,
     url: &str,
     pid: Option<u32>,
 ) -> Result<ServeBenchReport> {
@@ -558,32 +600,36 @@ async fn run_load(
         Endpoint::Chat => "/v1/chat/completions",
         Endpoint::Completions => "/v1/completions",
     };
-    let bodies = Arc::new(bodies(opts, &model));
-    let results: Results = Arc::new(Mutex::new(Vec::with_capacity(opts.requests)));
-    let pool = Pool {
-        addr: addr.clone(),
-        idle: Arc::default(),
-    };
-    let timeout = opts.timeout;
+    let sessions = Arc::new(sessions);
+    let bodies = Arc::new(bodies(items, opts.endpoint, &model));
 
     let steps_before = engine_steps(&addr).await;
     let cpu_before = pid.map(thread_cpu);
     let client_before = self_cpu_s();
     let start = Instant::now();
+    let runner = Runner {
+        pool: Pool {
+            addr: addr.clone(),
+            idle: Arc::default(),
+        },
+        path,
+        bodies,
+        results: Arc::new(Mutex::new(Vec::with_capacity(items.len()))),
+        timeout: opts.timeout,
+        start,
+    };
     match opts.load {
-        Load::Concurrency(c) => {
+        Arrivals::Concurrency(c) => {
             let next = Arc::new(AtomicUsize::new(0));
             let mut workers = Vec::new();
-            for _ in 0..c.min(opts.requests) {
-                let (next, bodies, results, pool) =
-                    (next.clone(), bodies.clone(), results.clone(), pool.clone());
+            for _ in 0..c.min(sessions.len()) {
+                let (next, sessions, runner) = (next.clone(), sessions.clone(), runner.clone());
                 workers.push(tokio::spawn(async move {
-                    // Bounded: each pass takes a distinct index below `requests`.
+                    // Bounded: each pass takes a distinct session index.
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(body) = bodies.get(i) else { break };
-                        let r = send(&pool, path, body.clone(), timeout).await;
-                        results.lock().expect("results lock").push(r);
+                        let Some(s) = sessions.get(i) else { break };
+                        runner.session(s).await;
                     }
                 }));
             }
@@ -591,18 +637,17 @@ async fn run_load(
                 w.await.context("a load worker panicked")?;
             }
         }
-        Load::Rate(rate) => {
-            let mut rng = SplitMix(opts.seed ^ 0x5eed);
-            let mut at = Duration::ZERO;
-            let mut tasks = Vec::with_capacity(opts.requests);
-            for body in bodies.iter() {
-                tokio::time::sleep_until((start + at).into()).await;
-                let (results, pool, body) = (results.clone(), pool.clone(), body.clone());
-                tasks.push(tokio::spawn(async move {
-                    let r = send(&pool, path, body, timeout).await;
-                    results.lock().expect("results lock").push(r);
-                }));
-                at += Duration::from_secs_f64(-rng.unit().ln() / rate);
+        Arrivals::Rate(_) | Arrivals::Trace => {
+            // Sessions are in start order; each starts as its own task at its time.
+            let mut tasks = Vec::with_capacity(sessions.len());
+            for i in 0..sessions.len() {
+                if let Some(t) = sessions[i].due_s[0] {
+                    tokio::time::sleep_until((start + Duration::from_secs_f64(t)).into()).await;
+                }
+                let (sessions, runner) = (sessions.clone(), runner.clone());
+                tasks.push(tokio::spawn(
+                    async move { runner.session(&sessions[i]).await },
+                ));
             }
             for t in tasks {
                 t.await.context("a request task panicked")?;
@@ -614,11 +659,13 @@ async fn run_load(
     let cpu_after = pid.map(thread_cpu);
     let steps_after = engine_steps(&addr).await;
 
-    let results = std::mem::take(&mut *results.lock().expect("results lock"));
+    let records = std::mem::take(&mut *runner.results.lock().expect("results lock"));
     let mut errors = BTreeMap::new();
     let mut ok = Vec::new();
-    for r in results {
-        match r {
+    let mut lags = Vec::new();
+    for r in records {
+        lags.extend(r.lag_s.map(|l| l * 1e3));
+        match r.result {
             Ok(o) => ok.push(o),
             Err(f) => *errors.entry(f.label()).or_insert(0) += 1,
         }
@@ -645,26 +692,31 @@ async fn run_load(
         }
         _ => None,
     };
+    let total_prompt: u64 = ok.iter().map(|o| o.prompt_tokens).sum();
+    let total_cached: u64 = ok.iter().map(|o| o.cached_tokens).sum();
     Ok(ServeBenchReport {
         url: url.to_string(),
         model,
         endpoint: opts.endpoint,
+        workload: opts.workload.clone(),
         load: opts.load,
-        requests: opts.requests,
-        prompt_tokens: opts.prompt_tokens,
-        max_tokens: opts.max_tokens,
-        prefix_groups: opts.prefix_groups,
-        prefix_tokens: opts.prefix_tokens,
+        vocab: opts.vocab,
         seed: opts.seed,
+        requests: items.len(),
         completed: ok.len(),
-        failed: opts.requests - ok.len(),
+        failed: items.len() - ok.len(),
         errors,
         duration_s: duration,
         requests_per_s: ok.len() as f64 / duration,
         output_tokens_per_s: total_output as f64 / duration,
-        total_prompt_tokens: ok.iter().map(|o| o.prompt_tokens).sum(),
+        total_prompt_tokens: total_prompt,
         total_output_tokens: total_output,
-        total_cached_tokens: ok.iter().map(|o| o.cached_tokens).sum(),
+        total_cached_tokens: total_cached,
+        prefix_hit_rate: if total_prompt > 0 {
+            total_cached as f64 / total_prompt as f64
+        } else {
+            0.0
+        },
         output_tokens_min: ok.iter().map(|o| o.output_tokens).min().unwrap_or(0),
         output_tokens_max: ok.iter().map(|o| o.output_tokens).max().unwrap_or(0),
         ttft_ms: Dist::of(ok.iter().map(|o| o.ttft * 1e3).collect()),
@@ -676,9 +728,44 @@ async fn run_load(
                 .collect(),
         ),
         e2e_ms: Dist::of(ok.iter().map(|o| o.e2e * 1e3).collect()),
+        request_max_itl_ms: Dist::of(ok.iter().map(Outcome::max_itl_ms).collect()),
+        goodput: goodput(&ok, items.len(), opts.slo, duration),
+        arrival_lag_ms: match opts.load {
+            Arrivals::Concurrency(_) => None,
+            Arrivals::Rate(_) | Arrivals::Trace => Some(Dist::of(lags)),
+        },
         client_cpu_s,
         server_cpu,
     })
+}
+
+impl Outcome {
+    fn max_itl_ms(&self) -> f64 {
+        self.itl.iter().copied().fold(0.0, f64::max)
+    }
+
+    fn meets(&self, slo: Slo) -> bool {
+        slo.ttft_ms.is_none_or(|t| self.ttft * 1e3 <= t)
+            && slo.itl_ms.is_none_or(|t| self.max_itl_ms() <= t)
+    }
+}
+
+/// Goodput of `ok` (the completed requests) out of `sent`, over `duration` seconds.
+fn goodput(ok: &[Outcome], sent: usize, slo: Slo, duration: f64) -> Goodput {
+    let good: Vec<&Outcome> = ok.iter().filter(|o| o.meets(slo)).collect();
+    let per_s = |x: f64| if duration > 0.0 { x / duration } else { 0.0 };
+    Goodput {
+        slo_ttft_ms: slo.ttft_ms,
+        slo_itl_ms: slo.itl_ms,
+        met: good.len(),
+        fraction: if sent > 0 {
+            good.len() as f64 / sent as f64
+        } else {
+            0.0
+        },
+        requests_per_s: per_s(good.len() as f64),
+        output_tokens_per_s: per_s(good.iter().map(|o| o.output_tokens).sum::<u64>() as f64),
+    }
 }
 
 /// One request on a pooled connection, bounded by `timeout`.
@@ -941,32 +1028,48 @@ impl Drop for SpawnedServer {
 
 pub fn print_table(r: &ServeBenchReport) {
     let load = match r.load {
-        Load::Concurrency(c) => format!("concurrency {c}"),
-        Load::Rate(x) => format!("rate {x}/s"),
+        Arrivals::Concurrency(c) => format!("concurrency {c}"),
+        Arrivals::Rate(x) => format!("rate {x}/s"),
+        Arrivals::Trace => "trace arrival times".to_string(),
+    };
+    let workload = match &r.workload {
+        Workload::Synthetic(w) => format!(
+            "synthetic, prompt {} tokens, max {} tokens{}",
+            w.prompt_tokens,
+            w.max_tokens,
+            if w.prefix_groups > 0 {
+                format!(", {} groups sharing {} tokens", w.prefix_groups, w.prefix_tokens)
+            } else {
+                String::new()
+            }
+        ),
+        Workload::MultiTurn(w) => format!(
+            "multi-turn, {} conversations x {} turns, {} user + {} answer tokens a turn, max {} tokens",
+            w.conversations, w.turns, w.user_tokens, w.answer_tokens, w.max_tokens
+        ),
+        Workload::Mooncake { trace, options: o } => format!(
+            "mooncake {}, {} tokens a block, speedup {}{}",
+            trace.display(),
+            o.block_tokens,
+            o.speedup,
+            o.max_output_tokens
+                .map(|m| format!(", output capped at {m}"))
+                .unwrap_or_default()
+        ),
     };
     println!(
-        "model: {}  endpoint: {:?}  {load}  prompt {} tokens, max {} tokens{}",
-        r.model,
-        r.endpoint,
-        r.prompt_tokens,
-        r.max_tokens,
-        if r.prefix_groups > 0 {
-            format!(
-                ", {} groups sharing {} tokens",
-                r.prefix_groups, r.prefix_tokens
-            )
-        } else {
-            String::new()
-        }
+        "model: {}  endpoint: {:?}  {load}  workload: {workload}",
+        r.model, r.endpoint
     );
     println!(
         "{} of {} requests completed in {:.2} s: {:.2} requests/s, {:.1} output tokens/s",
         r.completed, r.requests, r.duration_s, r.requests_per_s, r.output_tokens_per_s
     );
     println!(
-        "tokens: {} prompt ({} cached), {} output ({}..{} per request)",
+        "tokens: {} prompt ({} cached, prefix hit rate {:.1}%), {} output ({}..{} per request)",
         r.total_prompt_tokens,
         r.total_cached_tokens,
+        r.prefix_hit_rate * 100.0,
         r.total_output_tokens,
         r.output_tokens_min,
         r.output_tokens_max
@@ -982,12 +1085,29 @@ pub fn print_table(r: &ServeBenchReport) {
         ("inter-token", &r.itl_ms),
         ("per output token", &r.tpot_ms),
         ("end-to-end", &r.e2e_ms),
-    ] {
+        ("longest gap per request", &r.request_max_itl_ms),
+    ]
+    .into_iter()
+    .chain(r.arrival_lag_ms.as_ref().map(|d| ("send lag", d)))
+    {
         println!(
             "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
             d.mean, d.p50, d.p90, d.p99, d.max
         );
     }
+    let g = &r.goodput;
+    let slo = |v: Option<f64>| v.map_or("any".to_string(), |v| format!("<= {v} ms"));
+    println!();
+    println!(
+        "goodput (TTFT {}, longest gap {}): {} of {} requests ({:.1}%), {:.2} requests/s, {:.1} output tokens/s",
+        slo(g.slo_ttft_ms),
+        slo(g.slo_itl_ms),
+        g.met,
+        r.requests,
+        g.fraction * 100.0,
+        g.requests_per_s,
+        g.output_tokens_per_s
+    );
     if let Some(c) = &r.server_cpu {
         println!();
         println!(
@@ -1053,38 +1173,74 @@ mod tests {
     }
 
     #[test]
-    fn prompts_share_prefixes_within_groups() {
-        let opts = ServeBenchOptions {
-            target: Target::Url {
-                url: "http://127.0.0.1:1".into(),
-                pid: None,
+    fn bodies_carry_each_items_prompt_and_length() {
+        let items = vec![
+            WorkItem {
+                arrival_s: None,
+                prompt: vec![3, 1, 4],
+                max_tokens: 7,
+                conversation: None,
             },
-            model: None,
-            endpoint: Endpoint::Completions,
-            requests: 4,
-            load: Load::Concurrency(1),
-            prompt_tokens: 8,
-            max_tokens: 1,
-            prefix_groups: 2,
-            prefix_tokens: 5,
-            seed: 1,
-            timeout: Duration::from_secs(1),
-        };
-        let prompts: Vec<Vec<u64>> = bodies(&opts, "m")
+            WorkItem {
+                arrival_s: Some(1.0),
+                prompt: vec![1, 5],
+                max_tokens: 2,
+                conversation: Some((0, 1)),
+            },
+        ];
+        let b: Vec<Value> = bodies(&items, Endpoint::Completions, "m")
             .iter()
-            .map(|b| {
-                let v: Value = serde_json::from_slice(b).unwrap();
-                v["prompt"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap())
-                    .collect()
-            })
+            .map(|b| serde_json::from_slice(b).unwrap())
             .collect();
-        assert!(prompts.iter().all(|p| p.len() == 8));
-        assert_eq!(prompts[0][..5], prompts[2][..5]);
-        assert_ne!(prompts[0][..5], prompts[1][..5]);
-        assert_ne!(prompts[0][5..], prompts[2][5..]);
+        assert_eq!(b[0]["prompt"], json!([3, 1, 4]));
+        assert_eq!(b[0]["max_tokens"], 7);
+        assert_eq!(b[1]["max_tokens"], 2);
+        assert_eq!(b[1]["stream_options"]["include_usage"], true);
+        let chat: Value = serde_json::from_slice(&bodies(&items, Endpoint::Chat, "m")[1]).unwrap();
+        assert_eq!(chat["messages"][0]["content"], "of is");
+    }
+
+    fn outcome(ttft_ms: f64, gaps_ms: &[f64], output_tokens: u64) -> Outcome {
+        Outcome {
+            ttft: ttft_ms / 1e3,
+            itl: gaps_ms.to_vec(),
+            output_tokens,
+            ..Outcome::default()
+        }
+    }
+
+    #[test]
+    fn goodput_counts_requests_within_both_slos() {
+        let ok = [
+            outcome(50.0, &[10.0, 12.0], 3), // meets both
+            outcome(250.0, &[10.0], 2),      // TTFT too slow
+            outcome(80.0, &[10.0, 45.0], 3), // one gap too long
+            outcome(100.0, &[], 1),          // exactly at the TTFT limit, no gaps
+        ];
+        let slo = Slo {
+            ttft_ms: Some(100.0),
+            itl_ms: Some(40.0),
+        };
+        // Five sent: one failed, so 2 of 5 met the SLOs.
+        let g = goodput(&ok, 5, slo, 2.0);
+        assert_eq!(g.met, 2);
+        assert_eq!(g.fraction, 0.4);
+        assert_eq!(g.requests_per_s, 1.0);
+        assert_eq!(g.output_tokens_per_s, 2.0);
+        assert_eq!((g.slo_ttft_ms, g.slo_itl_ms), (Some(100.0), Some(40.0)));
+        // Only a TTFT target: the long gap no longer matters.
+        let g = goodput(
+            &ok,
+            5,
+            Slo {
+                itl_ms: None,
+                ..slo
+            },
+            2.0,
+        );
+        assert_eq!(g.met, 3);
+        // No targets: goodput is the completed throughput.
+        let g = goodput(&ok, 4, Slo::default(), 1.0);
+        assert_eq!((g.met, g.fraction, g.output_tokens_per_s), (4, 1.0, 9.0));
     }
 }

@@ -38,6 +38,9 @@ pub enum ApiError {
     /// The server is draining for shutdown (503).
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// No engine instance can serve the request now (503); retrying later can succeed.
+    #[error("{0}")]
+    Unavailable(String),
     /// A fault of the server or the model, not of the request (500).
     #[error("{0}")]
     Internal(String),
@@ -59,7 +62,9 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady | ApiError::ShuttingDown | ApiError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -73,7 +78,9 @@ impl ApiError {
             | ApiError::MethodNotAllowed { .. }
             | ApiError::PayloadTooLarge { .. } => "invalid_request_error",
             ApiError::Overloaded(_) => "rate_limit_error",
-            ApiError::NotReady | ApiError::ShuttingDown => "service_unavailable",
+            ApiError::NotReady | ApiError::ShuttingDown | ApiError::Unavailable(_) => {
+                "service_unavailable"
+            }
             ApiError::Internal(_) => "server_error",
         }
     }
@@ -89,6 +96,7 @@ impl ApiError {
             ApiError::Overloaded(_) => Some("queue_full"),
             ApiError::NotReady => Some("not_ready"),
             ApiError::ShuttingDown => Some("shutting_down"),
+            ApiError::Unavailable(_) => Some("no_instance_available"),
             ApiError::Internal(_) => None,
         }
     }
@@ -138,6 +146,7 @@ impl From<SubmitError> for ApiError {
             },
             e @ SubmitError::QueueFull(_) => ApiError::Overloaded(e.to_string()),
             SubmitError::ShuttingDown => ApiError::ShuttingDown,
+            SubmitError::Unavailable(m) => ApiError::Unavailable(m),
         }
     }
 }

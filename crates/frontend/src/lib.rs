@@ -4,7 +4,8 @@
 //! TGI's routers: tokenize and render the chat template here, hand token ids to the
 //! engine, detokenize and cut stop strings on the way back.
 //!
-//! The frontend knows no tensors: it talks to [`engine::core::EngineHandle`] only. A
+//! The frontend knows no tensors: it talks to a [`router::Router`] only, which places each
+//! request on one of the model's engine instances. A
 //! [`Frontend`] starts without a model (generation routes and `/health` answer 503) and is
 //! given one with [`Frontend::set_model`] once it has loaded, so the port can be bound and
 //! probed while weights load.
@@ -32,7 +33,7 @@ use axum::serve::ListenerExt;
 use axum::Router;
 
 pub use error::ApiError;
-pub use state::{FrontendConfig, ModelService, DEFAULT_MAX_BODY_BYTES};
+pub use state::{engine_context_limit, FrontendConfig, ModelService, DEFAULT_MAX_BODY_BYTES};
 
 /// An HTTP frontend: its state and the router over it. Cloning shares the state.
 #[derive(Clone)]

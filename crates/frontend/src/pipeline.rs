@@ -15,8 +15,8 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use engine::core::sampler::MAX_LOGPROBS;
-use engine::core::{FinishReason, GenerateRequest, RequestStream, SamplingParams, TokenEvent};
-use futures_util::stream::{self, BoxStream, StreamExt};
+use engine::core::{FinishReason, GenerateRequest, SamplingParams, TokenEvent};
+use futures_util::stream::{BoxStream, StreamExt};
 use serde::de::DeserializeOwned;
 use tokens::{
     ChatMessage, ChatOptions, ChatTemplateError, IncrementalDetokenizer, StopMatcher, Tokenizer,
@@ -404,7 +404,7 @@ pub(crate) struct TokenLogprob {
 impl Generation {
     /// Submits every sequence of `plan`. If one is refused, those already submitted are
     /// dropped (and so aborted) and the refusal is returned.
-    pub fn submit(
+    pub async fn submit(
         svc: &ModelService,
         plan: &Plan,
         metrics: Arc<Metrics>,
@@ -424,22 +424,28 @@ impl Generation {
             let max_tokens = plan
                 .requested_max_tokens
                 .map_or(room, |m| (m as usize).min(room)) as u32;
-            for j in 0..plan.n {
-                let mut req = plan.base.clone();
-                req.prompt.clone_from(prompt);
-                req.max_tokens = max_tokens;
-                // Choices of one seeded request differ from each other but stay reproducible.
-                if let Some(seed) = req.sampling.seed.as_mut() {
-                    *seed = seed.wrapping_add(j as u64);
-                }
-                let rs = svc.engine.submit(req).map_err(|e| {
-                    let e = ApiError::from(e).rename_param("max_tokens", plan.max_tokens_param);
-                    match plan.endpoint {
-                        Endpoint::Chat => e.rename_param("prompt", "messages"),
-                        Endpoint::Completion => e,
+            let reqs: Vec<GenerateRequest> = (0..plan.n)
+                .map(|j| {
+                    let mut req = plan.base.clone();
+                    req.prompt.clone_from(prompt);
+                    req.max_tokens = max_tokens;
+                    // Choices of one seeded request differ but stay reproducible.
+                    if let Some(seed) = req.sampling.seed.as_mut() {
+                        *seed = seed.wrapping_add(j as u64);
                     }
-                })?;
-                streams.push(Some(event_stream(rs)));
+                    req
+                })
+                .collect();
+            // The choices of one prompt go to one instance, which shares their prefix.
+            let placed = svc.router.submit_many(reqs).await.map_err(|e| {
+                let e = ApiError::from(e).rename_param("max_tokens", plan.max_tokens_param);
+                match plan.endpoint {
+                    Endpoint::Chat => e.rename_param("prompt", "messages"),
+                    Endpoint::Completion => e,
+                }
+            })?;
+            for s in placed {
+                streams.push(Some(s));
                 choices.push(Choice {
                     detok: IncrementalDetokenizer::with_prompt(
                         Arc::clone(&svc.tokenizer),
@@ -620,14 +626,6 @@ impl Generation {
             finish: choice.finish,
         }))
     }
-}
-
-fn event_stream(rs: RequestStream) -> EventStream {
-    stream::unfold(rs, |mut rs| async move {
-        let ev = rs.next().await?;
-        Some((ev, rs))
-    })
-    .boxed()
 }
 
 /// A token's text for logprobs, special tokens included.

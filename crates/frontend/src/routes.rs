@@ -32,6 +32,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/admin/stats", get(admin_stats))
+        .route("/admin/instances", get(admin_instances))
+        .route("/admin/instances/{id}/stop", post(admin_stop_instance))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -138,7 +140,7 @@ async fn generate(
     plan: Plan,
     start: Instant,
 ) -> Result<Response, ApiError> {
-    let mut gen = Generation::submit(svc, &plan, Arc::clone(&app.metrics), start)?;
+    let mut gen = Generation::submit(svc, &plan, Arc::clone(&app.metrics), start).await?;
     let (prefix, object) = match plan.endpoint {
         Endpoint::Chat => ("chatcmpl", "chat.completion"),
         Endpoint::Completion => ("cmpl", "text_completion"),
@@ -280,7 +282,7 @@ async fn health(State(app): State<AppState>) -> Response {
 
 async fn metrics(State(app): State<AppState>) -> Response {
     if let Some(svc) = app.model_if_loaded() {
-        if let Some(stats) = svc.engine().stats().await {
+        if let Some(stats) = svc.router().engine_stats().await {
             app.metrics.update_engine(&stats);
         }
     }
@@ -294,7 +296,8 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .into_response()
 }
 
-/// `EngineStats` as JSON, for operators and tests (e.g. "no blocks left behind").
+/// `EngineStats` as JSON (summed over instances), for operators and tests (e.g. "no
+/// blocks left behind"), with the router's counters.
 #[derive(Serialize)]
 struct AdminStats {
     running: usize,
@@ -308,15 +311,17 @@ struct AdminStats {
     prefix_hit_tokens: u64,
     preemptions: u64,
     steps: u64,
+    router: router::RouterStats,
 }
 
 async fn admin_stats(State(app): State<AppState>) -> Result<Response, ApiError> {
     let svc = app.model_if_loaded().ok_or(ApiError::NotReady)?;
-    let s = svc.engine().stats().await.ok_or(ApiError::ShuttingDown)?;
+    let r = svc.router();
+    let s = r.engine_stats().await.ok_or(ApiError::ShuttingDown)?;
     Ok(Json(AdminStats {
         running: s.running,
         waiting: s.waiting,
-        pending: svc.engine().pending(),
+        pending: r.pending(),
         blocks_total: s.blocks_total,
         blocks_used: s.blocks_used,
         blocks_free: s.blocks_free,
@@ -325,6 +330,33 @@ async fn admin_stats(State(app): State<AppState>) -> Result<Response, ApiError> 
         prefix_hit_tokens: s.prefix_hit_tokens,
         preemptions: s.preemptions,
         steps: s.steps,
+        router: r.stats(),
     })
     .into_response())
+}
+
+/// Every instance behind the router: identity, routed count, load, engine counters.
+async fn admin_instances(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let svc = app.model_if_loaded().ok_or(ApiError::NotReady)?;
+    let instances = svc.router().instance_stats().await;
+    Ok(Json(serde_json::json!({ "instances": instances })).into_response())
+}
+
+/// Stops one instance, as an operator draining it by force or a failure test would: its
+/// requests without a first token move to other instances; the others end with an error.
+async fn admin_stop_instance(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let svc = app.model_if_loaded().ok_or(ApiError::NotReady)?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::invalid("id", format!("{id:?} is not an instance id")))?;
+    if !svc.router().stop_instance(id).await {
+        return Err(ApiError::RouteNotFound {
+            method: "POST".into(),
+            path: format!("/admin/instances/{id}/stop (no instance {id})"),
+        });
+    }
+    Ok(Json(serde_json::json!({ "stopped": id })).into_response())
 }

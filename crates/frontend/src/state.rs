@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use engine::core::{EngineHandle, Executor, HandleOptions, LlmEngine};
+use engine::core::{EngineConfig, EngineHandle, Executor, HandleOptions, LlmEngine};
+use router::{Router, RouterConfig};
+use runtime::{Discovery, InstanceInfo, LocalClient, LocalDiscovery, LocalEventPlane, Role};
 use tokens::{ChatTemplate, ChatTemplateError, Tokenizer};
 
 use crate::error::ApiError;
@@ -30,56 +32,88 @@ impl Default for FrontendConfig {
     }
 }
 
-/// A loaded model as the frontend uses it: the engine behind its async handle, the
-/// tokenizer and the compiled chat template.
+/// A served model as the frontend uses it: the router in front of its engine instances,
+/// the tokenizer and the compiled chat template.
 pub struct ModelService {
     /// The name clients put in `model`; requests naming anything else get 404.
     pub(crate) name: String,
-    pub(crate) engine: EngineHandle,
+    pub(crate) router: Router,
     pub(crate) tokenizer: Arc<Tokenizer>,
     /// A model without a usable template still serves `/v1/completions`.
     pub(crate) chat_template: Result<ChatTemplate, ChatTemplateError>,
-    /// Longest sequence (prompt + output) the engine can hold: the context window, or the
-    /// whole KV cache if that is smaller.
+    /// Longest sequence (prompt + output) an instance can hold: the context window, or
+    /// the whole KV cache if that is smaller.
     pub(crate) context_limit: usize,
 }
 
 impl ModelService {
-    /// Starts `engine` on its own thread and wraps it with `tokenizer`, served as `name`.
-    pub fn start<E: Executor>(
+    /// Serves `name` through `router` (whose instances all run this model).
+    pub fn new(
         name: impl Into<String>,
-        engine: LlmEngine<E>,
+        router: Router,
         tokenizer: Tokenizer,
-        opts: HandleOptions,
+        context_limit: usize,
     ) -> Self {
-        let cfg = engine.config();
-        let context_limit = cfg
-            .max_model_len
-            .min(cfg.scheduler.num_blocks * cfg.scheduler.block_size);
         let chat_template = tokenizer.chat_template_renderer();
         if let Err(e) = &chat_template {
             tracing::warn!("/v1/chat/completions is unavailable: {e}");
         }
         ModelService {
             name: name.into(),
-            engine: EngineHandle::spawn(engine, opts),
+            router,
             tokenizer: Arc::new(tokenizer),
             chat_template,
             context_limit,
         }
     }
 
+    /// One in-process engine behind an embedded router: starts `engine` on its own
+    /// thread and registers it as instance 0. Call from within a Tokio runtime.
+    pub fn start<E: Executor>(
+        name: impl Into<String>,
+        engine: LlmEngine<E>,
+        tokenizer: Tokenizer,
+        opts: HandleOptions,
+    ) -> Self {
+        let name = name.into();
+        let cfg = engine.config();
+        let context_limit = engine_context_limit(cfg);
+        let info = InstanceInfo {
+            id: 0,
+            model: name.clone(),
+            role: Role::Both,
+            block_size: cfg.scheduler.block_size,
+            kv_blocks: cfg.scheduler.num_blocks,
+            device: "local".into(),
+            tensor_parallel: 1,
+        };
+        let discovery = Arc::new(LocalDiscovery::new());
+        let events = Arc::new(LocalEventPlane::new(1024));
+        let handle = EngineHandle::spawn(engine, opts);
+        events.forward(0, handle.subscribe_kv_events());
+        discovery.register(info, Arc::new(LocalClient::new(handle)));
+        let router = Router::start(RouterConfig::default(), discovery, events);
+        ModelService::new(name, router, tokenizer, context_limit)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    pub fn engine(&self) -> &EngineHandle {
-        &self.engine
+    pub fn router(&self) -> &Router {
+        &self.router
     }
 
     pub fn context_limit(&self) -> usize {
         self.context_limit
     }
+}
+
+/// The longest sequence an engine with `cfg` holds: its context window or its whole KV
+/// cache, whichever is smaller.
+pub fn engine_context_limit(cfg: &EngineConfig) -> usize {
+    cfg.max_model_len
+        .min(cfg.scheduler.num_blocks * cfg.scheduler.block_size)
 }
 
 /// Shared state behind every handler; cloning is one reference count.

@@ -111,6 +111,16 @@ pub enum BenchEndpoint {
     Completions,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchWorkload {
+    /// Random prompts of --prompt-tokens, optionally in --prefix-groups.
+    Synthetic,
+    /// --conversations chats of --turns turns, each turn's prompt extending the previous.
+    MultiTurn,
+    /// Replay of a Mooncake trace (--trace), its prefix blocks as shared token blocks.
+    Mooncake,
+}
+
 #[derive(clap::Args)]
 pub struct BenchServeArgs {
     /// Server to load (127.0.0.1 only); ignored with --spawn.
@@ -132,26 +142,78 @@ pub struct BenchServeArgs {
     /// `completions` sends prompts as token ids (exact lengths); `chat` sends text.
     #[arg(long, value_enum, default_value_t = BenchEndpoint::Completions)]
     endpoint: BenchEndpoint,
-    /// Requests to send in all.
-    #[arg(long, default_value_t = 64)]
-    requests: usize,
-    /// Requests in flight at once (closed loop; the default, 16, unless --rate is given).
+    /// What to send.
+    #[arg(long, value_enum, default_value_t = BenchWorkload::Synthetic)]
+    workload: BenchWorkload,
+    /// Requests to send in all (synthetic) [default: 64].
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Requests in flight at once, or conversations with --workload multi-turn (closed
+    /// loop; the default, 16, unless --rate is given or a trace is replayed).
     #[arg(long, conflicts_with = "rate")]
     concurrency: Option<usize>,
-    /// Mean arrivals per second (open loop, Poisson arrivals).
+    /// Mean arrivals per second (open loop, Poisson arrivals; with multi-turn, of
+    /// conversations). A trace is replayed at its own times unless this or --concurrency
+    /// is given.
     #[arg(long)]
     rate: Option<f64>,
-    #[arg(long, default_value_t = 128)]
-    prompt_tokens: usize,
-    /// Output tokens per request (sent with ignore_eos, so counts are exact).
-    #[arg(long, default_value_t = 128)]
-    max_tokens: usize,
-    /// Requests are spread over this many groups sharing a prompt prefix (0: none).
-    #[arg(long, default_value_t = 0)]
-    prefix_groups: usize,
+    /// Prompt length (synthetic) [default: 128].
+    #[arg(long)]
+    prompt_tokens: Option<usize>,
+    /// Output tokens per request or turn (sent with ignore_eos, so counts are exact)
+    /// [default: 128].
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Requests are spread over this many groups sharing a prompt prefix (synthetic; 0: none).
+    #[arg(long)]
+    prefix_groups: Option<usize>,
     /// Length of each group's shared prefix, within --prompt-tokens.
-    #[arg(long, default_value_t = 0)]
-    prefix_tokens: usize,
+    #[arg(long)]
+    prefix_tokens: Option<usize>,
+    /// Conversations (multi-turn) [default: 8].
+    #[arg(long)]
+    conversations: Option<usize>,
+    /// Turns per conversation (multi-turn) [default: 4].
+    #[arg(long)]
+    turns: Option<usize>,
+    /// Tokens of each new user message (multi-turn) [default: 64].
+    #[arg(long)]
+    user_tokens: Option<usize>,
+    /// Tokens standing in for each previous answer in the next turn's prompt: fixed,
+    /// seeded tokens rather than the model's output, so runs are reproducible
+    /// (multi-turn) [default: --max-tokens].
+    #[arg(long)]
+    answer_tokens: Option<usize>,
+    /// Mooncake trace to replay (JSON lines of timestamp, input_length, output_length,
+    /// hash_ids).
+    #[arg(long, required_if_eq("workload", "mooncake"))]
+    trace: Option<PathBuf>,
+    /// Replay the trace this many times faster (mooncake) [default: 1].
+    #[arg(long)]
+    speedup: Option<f64>,
+    /// Tokens per trace block; prompts scale by this / 512, keeping the sharing structure
+    /// (mooncake; a multiple of the server's KV block size, 16, to line up with its
+    /// cache) [default: 512].
+    #[arg(long)]
+    trace_block_tokens: Option<usize>,
+    /// Replay only the trace's first N requests (mooncake).
+    #[arg(long)]
+    max_requests: Option<usize>,
+    /// Cap on each trace request's output length (mooncake).
+    #[arg(long)]
+    max_output_tokens: Option<u32>,
+    /// Goodput counts requests whose time to first token is at most this.
+    #[arg(long)]
+    slo_ttft_ms: Option<f64>,
+    /// Goodput counts requests whose longest gap between streamed token chunks is at most
+    /// this (the per-request maximum, not the mean).
+    #[arg(long)]
+    slo_itl_ms: Option<f64>,
+    /// Prompt token ids are drawn from [0, VOCAB); keep it within the model's ordinary
+    /// tokens (the synthetic models put their special tokens at the top, from 507 up in
+    /// the tiny one).
+    #[arg(long, default_value_t = 500)]
+    vocab: u32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Seconds each request may take.
@@ -342,8 +404,91 @@ pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
     Ok(())
 }
 
+/// The workload of `bench serve`, refusing flags that belong to another workload.
+fn bench_workload(args: &BenchServeArgs) -> Result<bench::workload::Workload> {
+    use bench::workload::{MooncakeOptions, MultiTurnOptions, SyntheticOptions, Workload};
+    let given = |flag: &'static str, set: bool| set.then_some(flag);
+    let synthetic_only = [
+        given("--requests", args.requests.is_some()),
+        given("--prompt-tokens", args.prompt_tokens.is_some()),
+        given("--prefix-groups", args.prefix_groups.is_some()),
+        given("--prefix-tokens", args.prefix_tokens.is_some()),
+    ];
+    let multi_turn_only = [
+        given("--conversations", args.conversations.is_some()),
+        given("--turns", args.turns.is_some()),
+        given("--user-tokens", args.user_tokens.is_some()),
+        given("--answer-tokens", args.answer_tokens.is_some()),
+    ];
+    let mooncake_only = [
+        given("--trace", args.trace.is_some()),
+        given("--speedup", args.speedup.is_some()),
+        given("--trace-block-tokens", args.trace_block_tokens.is_some()),
+        given("--max-requests", args.max_requests.is_some()),
+        given("--max-output-tokens", args.max_output_tokens.is_some()),
+    ];
+    let (name, foreign): (&str, Vec<Option<&str>>) = match args.workload {
+        BenchWorkload::Synthetic => ("synthetic", [&multi_turn_only[..], &mooncake_only].concat()),
+        BenchWorkload::MultiTurn => ("multi-turn", [&synthetic_only[..], &mooncake_only].concat()),
+        BenchWorkload::Mooncake => (
+            "mooncake",
+            [
+                &synthetic_only[..],
+                &multi_turn_only,
+                // The trace sets output lengths; --max-output-tokens caps them.
+                &[given("--max-tokens", args.max_tokens.is_some())],
+            ]
+            .concat(),
+        ),
+    };
+    if let Some(flag) = foreign.into_iter().flatten().next() {
+        let hint = match flag {
+            "--max-tokens" => " (the trace sets output lengths; --max-output-tokens caps them)",
+            "--requests" if name == "mooncake" => " (use --max-requests)",
+            "--requests" => " (requests are --conversations x --turns)",
+            _ => "",
+        };
+        anyhow::bail!("{flag} does not apply to --workload {name}{hint}");
+    }
+    let max_tokens = args.max_tokens.unwrap_or(128);
+    Ok(match args.workload {
+        BenchWorkload::Synthetic => Workload::Synthetic(SyntheticOptions {
+            requests: args.requests.unwrap_or(64),
+            prompt_tokens: args.prompt_tokens.unwrap_or(128),
+            max_tokens,
+            prefix_groups: args.prefix_groups.unwrap_or(0),
+            prefix_tokens: args.prefix_tokens.unwrap_or(0),
+        }),
+        BenchWorkload::MultiTurn => Workload::MultiTurn(MultiTurnOptions {
+            conversations: args.conversations.unwrap_or(8),
+            turns: args.turns.unwrap_or(4),
+            user_tokens: args.user_tokens.unwrap_or(64),
+            answer_tokens: args.answer_tokens.unwrap_or(max_tokens as usize),
+            max_tokens,
+        }),
+        BenchWorkload::Mooncake => Workload::Mooncake {
+            trace: args.trace.clone().context("--trace is required")?,
+            options: MooncakeOptions {
+                block_tokens: args
+                    .trace_block_tokens
+                    .unwrap_or(bench::workload::MOONCAKE_BLOCK_TOKENS),
+                speedup: args.speedup.unwrap_or(1.0),
+                max_requests: args.max_requests,
+                max_output_tokens: args.max_output_tokens,
+            },
+        },
+    })
+}
+
 pub fn bench_serve(args: BenchServeArgs) -> Result<()> {
     use bench::serve_bench as sb;
+    use bench::workload::Arrivals;
+    let workload = bench_workload(&args)?;
+    let load = match (args.rate, args.concurrency) {
+        (Some(r), _) => Arrivals::Rate(r),
+        (None, Some(c)) => Arrivals::Concurrency(c),
+        (None, None) => workload.default_arrivals(),
+    };
     let target = if args.spawn {
         sb::Target::Spawn {
             bin: std::env::current_exe().context("locating the switchyard binary")?,
@@ -366,16 +511,14 @@ pub fn bench_serve(args: BenchServeArgs) -> Result<()> {
             BenchEndpoint::Chat => sb::Endpoint::Chat,
             BenchEndpoint::Completions => sb::Endpoint::Completions,
         },
-        requests: args.requests,
-        load: match args.rate {
-            Some(r) => sb::Load::Rate(r),
-            None => sb::Load::Concurrency(args.concurrency.unwrap_or(16)),
-        },
-        prompt_tokens: args.prompt_tokens,
-        max_tokens: args.max_tokens,
-        prefix_groups: args.prefix_groups,
-        prefix_tokens: args.prefix_tokens,
+        workload,
+        load,
+        vocab: args.vocab,
         seed: args.seed,
+        slo: sb::Slo {
+            ttft_ms: args.slo_ttft_ms,
+            itl_ms: args.slo_itl_ms,
+        },
         timeout: Duration::from_secs(args.timeout),
     };
     let report = sb::run(&opts)?;

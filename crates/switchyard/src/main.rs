@@ -3,6 +3,7 @@
 mod generate;
 mod models;
 mod serve;
+mod sim;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +18,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Model utilities.
@@ -42,6 +45,8 @@ enum BenchCommand {
     /// Streamed OpenAI load against `switchyard serve`: latency percentiles, throughput and
     /// the server's CPU per request and per output token.
     Serve(generate::BenchServeArgs),
+    /// Routing on a simulated cluster of mock instances, in virtual time (no HTTP).
+    Sim(sim::BenchSimArgs),
 }
 
 #[derive(Subcommand)]
@@ -112,6 +117,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             command: BenchCommand::Engine(args),
         } => generate::bench_engine(args),
+        Command::Bench {
+            command: BenchCommand::Sim(args),
+        } => sim::bench_sim(args),
         Command::Bench {
             command: BenchCommand::Serve(args),
         } => generate::bench_serve(args),

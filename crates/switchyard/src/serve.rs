@@ -14,9 +14,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use engine::backend::cpu::{kernels, CpuBackend};
 use engine::backend::Backend;
-use engine::core::HandleOptions;
+use engine::core::{EngineConfig, EngineHandle, HandleOptions};
 use engine::model::{build_engine, EngineOptions};
 use frontend::{Frontend, FrontendConfig, ModelService};
+use router::{KvWeights, Router, RouterConfig, RouterMode};
+use runtime::{Discovery, InstanceInfo, LocalClient, LocalDiscovery, LocalEventPlane, Role};
+use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::generate::{Device, DeviceArgs, LoadProgress};
@@ -57,6 +60,45 @@ pub struct ServeArgs {
     /// --device, --cuda-device, --gpu-memory-utilization.
     #[command(flatten)]
     device: DeviceArgs,
+    /// Engine instances behind the router, each with its own KV cache (--kv-cache-mb
+    /// each) and KV event stream.
+    #[arg(long, env = "SWITCHYARD_INSTANCES", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    instances: u32,
+    /// How the router picks an instance: kv (cached prefix against load), round-robin,
+    /// random or least-loaded.
+    #[arg(long, env = "SWITCHYARD_ROUTER_MODE", default_value = "kv",
+          value_parser = parse_router_mode)]
+    router_mode: RouterMode,
+    /// KV routing: weight of a block of prefill against a block of decode load.
+    #[arg(long, default_value_t = 8.0)]
+    router_overlap_weight: f64,
+    /// KV routing: 0 picks the cheapest instance; above 0, a softmax over costs.
+    #[arg(long, default_value_t = 0.0)]
+    router_temperature: f64,
+    /// `model`: the real engine; `mock`: the simulated engine (same scheduler and block
+    /// pool, no model math, step times from a cost model) with the model's tokenizer.
+    #[arg(long, value_enum, env = "SWITCHYARD_ENGINE", default_value_t = EngineKind::Model)]
+    engine: EngineKind,
+    /// --engine mock: modelled step times are divided by this (2 runs twice as fast).
+    #[arg(long, default_value_t = 1.0)]
+    mock_speedup: f64,
+    /// --engine mock: a measured profile (JSON) instead of the built-in cost model.
+    #[arg(long)]
+    mock_profile: Option<PathBuf>,
+    /// --engine mock: KV blocks per instance.
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u64).range(1..))]
+    mock_kv_blocks: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    Model,
+    Mock,
+}
+
+fn parse_router_mode(s: &str) -> Result<RouterMode, String> {
+    s.parse()
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -68,7 +110,25 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if !(util > 0.0 && util <= 1.0) {
         anyhow::bail!("--gpu-memory-utilization must be in (0, 1], got {util}");
     }
-    if args.device.device == Device::Cuda {
+    for (name, v) in [
+        ("--router-overlap-weight", args.router_overlap_weight),
+        ("--router-temperature", args.router_temperature),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            anyhow::bail!("{name} must be a finite number >= 0, got {v}");
+        }
+    }
+    if !(args.mock_speedup.is_finite() && args.mock_speedup > 0.0) {
+        anyhow::bail!("--mock-speedup must be > 0, got {}", args.mock_speedup);
+    }
+    if args.device.device == Device::Cuda && args.instances > 1 && args.engine == EngineKind::Model
+    {
+        anyhow::bail!(
+            "--instances above 1 with --device cuda is not supported yet (one instance per GPU: \
+             start one server per --cuda-device)"
+        );
+    }
+    if args.device.device == Device::Cuda && args.engine == EngineKind::Model {
         // A missing driver or library fails here, in one line, before the port is bound.
         engine::backend::cuda::probe_libraries()?;
     }
@@ -114,19 +174,34 @@ async fn serve(args: ServeArgs) -> Result<()> {
     );
 
     let load = tokio::task::spawn_blocking({
-        let model = args.model.clone();
-        let name = args.served_model_name.clone();
-        let threads = args.threads;
-        let device = args.device.clone();
-        let opts = EngineOptions {
-            kv_cache_bytes: usize::try_from(args.kv_cache_mb << 20).unwrap_or(usize::MAX),
-            ..EngineOptions::default()
+        let plan = LoadPlan {
+            model: args.model.clone(),
+            name: args.served_model_name.clone(),
+            threads: args.threads,
+            device: args.device.clone(),
+            opts: EngineOptions {
+                kv_cache_bytes: usize::try_from(args.kv_cache_mb << 20).unwrap_or(usize::MAX),
+                ..EngineOptions::default()
+            },
+            handle_opts: HandleOptions {
+                max_pending: args.max_pending as usize,
+                ..HandleOptions::default()
+            },
+            instances: args.instances as usize,
+            engine: args.engine,
+            mock_speedup: args.mock_speedup,
+            mock_profile: args.mock_profile.clone(),
+            mock_kv_blocks: args.mock_kv_blocks as usize,
+            router: RouterConfig {
+                mode: args.router_mode,
+                weights: KvWeights {
+                    overlap_weight: args.router_overlap_weight,
+                    temperature: args.router_temperature,
+                },
+                ..RouterConfig::default()
+            },
         };
-        let handle_opts = HandleOptions {
-            max_pending: args.max_pending as usize,
-            ..HandleOptions::default()
-        };
-        move || load_model(model, name, threads, &device, &opts, handle_opts)
+        move || load_model(plan)
     });
     let model = tokio::select! {
         loaded = load => loaded.context("the model loader panicked")??,
@@ -154,56 +229,138 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tracing::warn!("in-flight requests did not finish in time; aborting them");
     }
     if let Some(m) = fe.model() {
-        let engine = m.engine().clone();
-        // Joining the engine thread blocks; it ends every remaining stream with an abort.
-        tokio::task::spawn_blocking(move || engine.shutdown())
-            .await
-            .context("stopping the engine")?;
+        // Each engine thread ends its remaining streams with an abort.
+        m.router().shutdown_all().await;
     }
     tracing::info!("stopped");
     Ok(())
 }
 
-fn load_model(
+/// Everything the background loader needs.
+struct LoadPlan {
     model: Option<PathBuf>,
     name: Option<String>,
     threads: Option<usize>,
-    device: &DeviceArgs,
-    opts: &EngineOptions,
+    device: DeviceArgs,
+    opts: EngineOptions,
     handle_opts: HandleOptions,
-) -> Result<ModelService> {
-    if let Some(n) = threads {
+    instances: usize,
+    engine: EngineKind,
+    mock_speedup: f64,
+    mock_profile: Option<PathBuf>,
+    mock_kv_blocks: usize,
+    router: RouterConfig,
+}
+
+/// Starts the instances, registers them with an embedded discovery and event plane, and
+/// puts a router in front of them. Runs on a blocking thread inside the runtime (the
+/// router's tasks are spawned on it).
+fn load_model(plan: LoadPlan) -> Result<ModelService> {
+    if let Some(n) = plan.threads {
         kernels::set_num_threads(n);
     }
-    let dir = models::resolve(model)?;
+    let dir = models::resolve(plan.model.clone())?;
     let tokenizer = tokens::Tokenizer::from_dir(&dir)
         .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
-    let name = name.unwrap_or_else(|| dir_name(&dir));
-    // Only the engine's construction depends on the device; the frontend sees a handle.
-    match device.device {
-        Device::Cpu => start_on(name, &dir, CpuBackend::new(), tokenizer, opts, handle_opts),
-        Device::Cuda => {
+    let name = plan.name.clone().unwrap_or_else(|| dir_name(&dir));
+    let discovery = Arc::new(LocalDiscovery::new());
+    let events = Arc::new(LocalEventPlane::new(4096));
+    let mut context_limit = usize::MAX;
+    for id in 0..plan.instances {
+        let (handle, cfg, device) = start_instance(&plan, &dir, tokenizer.vocab_size())?;
+        context_limit = context_limit.min(frontend::engine_context_limit(&cfg));
+        let info = InstanceInfo {
+            id: id as u64,
+            model: name.clone(),
+            role: Role::Both,
+            block_size: cfg.scheduler.block_size,
+            kv_blocks: cfg.scheduler.num_blocks,
+            device,
+            tensor_parallel: 1,
+        };
+        events.forward(info.id, handle.subscribe_kv_events());
+        discovery.register(info, Arc::new(LocalClient::new(handle)));
+    }
+    if plan.instances > 1 {
+        tracing::info!(
+            "{} instances behind the {} router",
+            plan.instances,
+            plan.router.mode.name()
+        );
+    }
+    let router = Router::start(plan.router.clone(), discovery, events);
+    Ok(ModelService::new(name, router, tokenizer, context_limit))
+}
+
+/// One engine instance on its own thread: its handle, configuration and device name.
+fn start_instance(
+    plan: &LoadPlan,
+    dir: &std::path::Path,
+    tokenizer_vocab: usize,
+) -> Result<(EngineHandle, EngineConfig, String)> {
+    match (plan.engine, plan.device.device) {
+        (EngineKind::Mock, _) => start_mock(plan, dir, tokenizer_vocab),
+        (EngineKind::Model, Device::Cpu) => start_on(dir, CpuBackend::new(), plan, "cpu".into()),
+        (EngineKind::Model, Device::Cuda) => {
             // A missing driver or library is one line of error here, before any loading.
-            let backend = device.cuda_backend()?;
-            tracing::info!("CUDA device {}: {}", device.cuda_device, backend.describe());
-            start_on(name, &dir, backend, tokenizer, opts, handle_opts)
+            let backend = plan.device.cuda_backend()?;
+            tracing::info!(
+                "CUDA device {}: {}",
+                plan.device.cuda_device,
+                backend.describe()
+            );
+            let name = format!("cuda:{}", plan.device.cuda_device);
+            start_on(dir, backend, plan, name)
         }
     }
 }
 
 fn start_on<B: Backend>(
-    name: String,
     dir: &std::path::Path,
     backend: B,
-    tokenizer: tokens::Tokenizer,
-    opts: &EngineOptions,
-    handle_opts: HandleOptions,
-) -> Result<ModelService> {
+    plan: &LoadPlan,
+    device: String,
+) -> Result<(EngineHandle, EngineConfig, String)> {
     let mut progress = LoadProgress::new();
-    let eng = build_engine(dir, backend, opts, &mut |d, t| progress.update(d, t))
+    let eng = build_engine(dir, backend, &plan.opts, &mut |d, t| progress.update(d, t))
         .with_context(|| format!("loading {}", dir.display()))?;
     progress.finish();
-    Ok(ModelService::start(name, eng, tokenizer, handle_opts))
+    let cfg = eng.config().clone();
+    Ok((
+        EngineHandle::spawn(eng, plan.handle_opts.clone()),
+        cfg,
+        device,
+    ))
+}
+
+/// A simulated instance shaped like the model in `dir` (vocabulary, EOS ids, context),
+/// with no weights loaded: the tokenizer and chat template are the real ones.
+fn start_mock(
+    plan: &LoadPlan,
+    dir: &std::path::Path,
+    tok_vocab: usize,
+) -> Result<(EngineHandle, EngineConfig, String)> {
+    let cfg = engine::model::ModelConfig::from_dir(dir)
+        .with_context(|| format!("reading the config of {}", dir.display()))?;
+    let mut opts = mocker::MockOptions::from_model_config(&cfg);
+    opts.timing = mocker::Timing::WallClock {
+        speedup: plan.mock_speedup,
+    };
+    opts.scheduler.num_blocks = plan.mock_kv_blocks;
+    if let Some(path) = &plan.mock_profile {
+        opts.cost = mocker::StepCost::Profile(mocker::Profile::load(path)?);
+    }
+    // Keep generated ids inside the tokenizer's vocabulary, so every token has text.
+    if tok_vocab < opts.vocab_size {
+        opts.output_vocab = Some(opts.output_vocab.unwrap_or(tok_vocab).min(tok_vocab));
+    }
+    let eng = mocker::build_mock_engine(&opts).context("--engine mock")?;
+    let cfg = eng.config().clone();
+    Ok((
+        EngineHandle::spawn(eng, plan.handle_opts.clone()),
+        cfg,
+        "mock".into(),
+    ))
 }
 
 /// A model's default served name: its directory's name (vLLM names a model by its path;
