@@ -138,8 +138,11 @@ impl Router {
         }
         let weak = Arc::downgrade(&inner);
         tokio::spawn(watch_discovery(weak.clone(), disc_rx));
-        tokio::spawn(consume_events(weak.clone(), ev_rx));
-        tokio::spawn(resync_worker(weak.clone(), resync_rx));
+        // Only KV routing reads the index; the other modes skip its upkeep.
+        if inner.cfg.mode == RouterMode::Kv {
+            tokio::spawn(consume_events(weak.clone(), ev_rx));
+            tokio::spawn(resync_worker(weak.clone(), resync_rx));
+        }
         tokio::spawn(health_check(weak));
         Router { inner }
     }

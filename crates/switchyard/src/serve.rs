@@ -84,8 +84,15 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1.0)]
     mock_speedup: f64,
     /// --engine mock: a measured profile (JSON) instead of the built-in cost model.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "mock_reference_cost")]
     mock_profile: Option<PathBuf>,
+    /// --engine mock: step times of the reference deployment (an 8B model on one H100)
+    /// whatever model directory supplies the tokenizer, instead of times scaled to it.
+    #[arg(long)]
+    mock_reference_cost: bool,
+    /// --engine mock: the longest sequence accepted (default: the model's context window).
+    #[arg(long)]
+    mock_max_model_len: Option<usize>,
     /// --engine mock: KV blocks per instance.
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u64).range(1..))]
     mock_kv_blocks: u64,
@@ -191,6 +198,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             engine: args.engine,
             mock_speedup: args.mock_speedup,
             mock_profile: args.mock_profile.clone(),
+            mock_reference_cost: args.mock_reference_cost,
+            mock_max_model_len: args.mock_max_model_len,
             mock_kv_blocks: args.mock_kv_blocks as usize,
             router: RouterConfig {
                 mode: args.router_mode,
@@ -248,6 +257,8 @@ struct LoadPlan {
     engine: EngineKind,
     mock_speedup: f64,
     mock_profile: Option<PathBuf>,
+    mock_reference_cost: bool,
+    mock_max_model_len: Option<usize>,
     mock_kv_blocks: usize,
     router: RouterConfig,
 }
@@ -347,8 +358,13 @@ fn start_mock(
         speedup: plan.mock_speedup,
     };
     opts.scheduler.num_blocks = plan.mock_kv_blocks;
+    if let Some(n) = plan.mock_max_model_len {
+        opts.max_model_len = n;
+    }
     if let Some(path) = &plan.mock_profile {
         opts.cost = mocker::StepCost::Profile(mocker::Profile::load(path)?);
+    } else if plan.mock_reference_cost {
+        opts.cost = mocker::StepCost::Model(mocker::CostModel::default());
     }
     // Keep generated ids inside the tokenizer's vocabulary, so every token has text.
     if tok_vocab < opts.vocab_size {

@@ -38,7 +38,10 @@ impl Default for HandleOptions {
     fn default() -> Self {
         HandleOptions {
             max_pending: 1024,
-            kv_event_capacity: 1 << 16,
+            // The broadcast buffer is allocated up front (~64 B a slot): 4096 keeps an
+            // instance near 0.3 MB so hundreds fit in one process; a subscriber that
+            // falls further behind sees a gap and resynchronises from a snapshot.
+            kv_event_capacity: 4096,
         }
     }
 }
