@@ -9,8 +9,9 @@
 # with every matmul on cuBLAS, SWITCHYARD_CUDA_GEMV=0, for comparison), cli (`switchyard
 # bench engine`), sampling (W1 greedy, then sampled with T 0.8, top_p 0.95 on the device
 # and on the host), serve (`switchyard serve --device cuda` on the 8b model, loaded once,
-# and `switchyard bench serve` at concurrency 1, 16 and 64: TTFT and inter-token p50/p99)
-# (default: check synth bench eager cublas cli serve). Logs go to $OUT (or
+# and `switchyard bench serve` at concurrency 1, 16 and 64: TTFT and inter-token p50/p99),
+# profile (`switchyard bench profile` on the 8b model: measured step times as a mock-engine
+# profile, $OUT/profile-h100-8b.json) (default: check synth bench eager cublas cli serve). Logs go to $OUT (or
 # /tmp/switchyard-gpu); tables print last.
 set -uo pipefail
 BIN=${1:-gpu-bin}
@@ -50,6 +51,9 @@ for stage in $STAGES; do
     cublas)
         SWITCHYARD_CUDA_GEMV=0 "$BIN/cuda_check" bench "$M8B" decode 2>&1 \
             | sed 's/^| decode batch 1/| decode batch 1, all matmuls on cuBLAS/' | tee "$LOG/bench_cublas.log" || rc=1 ;;
+    profile)
+        "$BIN/switchyard" bench profile --device cuda --model "$M8B" \
+            --out "$LOG/profile-h100-8b.json" 2>&1 | tee "$LOG/profile.log" || rc=1 ;;
     serve)
         port=${SERVE_PORT:-8123}
         "$BIN/switchyard" serve --model "$M8B" --device cuda --port "$port" \

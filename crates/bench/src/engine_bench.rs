@@ -130,10 +130,12 @@ pub fn run_on<B: Backend>(
             );
             id += 1;
         }
-        // Prefill every sequence first; time only steps that are pure decode.
-        let mut started = 0;
-        while started < b {
-            started += eng.step().len();
+        // Prefill every sequence first; time only steps that are pure decode. Chunked
+        // prefill mixes decodes of the early sequences into these steps, so count
+        // sequences, not events.
+        let mut started = std::collections::HashSet::new();
+        while started.len() < b {
+            started.extend(eng.step().into_iter().map(|(id, _)| id));
         }
         let mut tokens = 0usize;
         let mut steps = 0usize;

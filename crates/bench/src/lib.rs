@@ -6,6 +6,7 @@
 //! (synthetic, multi-turn, Mooncake trace replay) independently of how they are sent.
 
 pub mod engine_bench;
+pub mod profile_bench;
 pub mod serve_bench;
 pub mod sim_bench;
 pub mod workload;

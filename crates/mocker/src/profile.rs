@@ -12,7 +12,8 @@
 //! linearly in KV tokens within each measured batch size, then linearly between the two
 //! batch sizes around the query (bilinear on a grid, and still defined when each batch
 //! size was measured at its own KV points). Queries outside the table take the nearest
-//! edge. A step that mixes both pays the decode time plus what the prefill adds above the
+//! edge, except prefill past the largest measured prompt, which continues the last
+//! segment's slope (prefill time does not stop growing with tokens). A step that mixes both pays the decode time plus what the prefill adds above the
 //! cheapest decode point (the fixed cost both measurements already include).
 
 use std::path::{Path, PathBuf};
@@ -96,6 +97,28 @@ impl Curve {
         let (x0, y0) = pts[i - 1];
         let (x1, y1) = pts[i];
         y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    }
+
+    /// As [`Curve::at`], but past the last point the line through the last two points
+    /// continues (never decreasing): prefill time keeps growing with tokens beyond the
+    /// largest measured prompt instead of staying flat.
+    fn at_or_extend(&self, x: f64) -> f64 {
+        let pts = &self.0;
+        let n = pts.len();
+        match pts.last() {
+            Some(&(xl, yl)) if x > xl => {
+                let slope = if n >= 2 {
+                    let (xp, yp) = pts[n - 2];
+                    ((yl - yp) / (xl - xp)).max(0.0)
+                } else if xl > 0.0 {
+                    yl / xl
+                } else {
+                    0.0
+                };
+                yl + slope * (x - xl)
+            }
+            _ => self.at(x),
+        }
     }
 }
 
@@ -223,7 +246,7 @@ impl Profile {
 
     /// Prefill time of a step with `new_tokens` prompt tokens and no decodes.
     pub fn prefill_seconds(&self, new_tokens: usize) -> f64 {
-        self.tables.prefill.at(new_tokens as f64)
+        self.tables.prefill.at_or_extend(new_tokens as f64)
     }
 
     /// Decode time of `batch_size` sequences holding `kv_tokens` of context in all.
@@ -300,7 +323,8 @@ mod tests {
         let p = Profile::from_json_str(SAMPLE, "sample").unwrap();
         assert!((p.prefill_seconds(1536) - 0.15).abs() < 1e-12);
         assert_eq!(p.prefill_seconds(10), 0.1);
-        assert_eq!(p.prefill_seconds(100_000), 0.2);
+        // Past the largest prompt, the last segment's slope continues (0.1 s per 1024).
+        assert!((p.prefill_seconds(4096) - 0.4).abs() < 1e-12);
         assert!((p.decode_seconds(1, 500) - 0.015).abs() < 1e-12);
         // Halfway in batch and in KV: the mean of the four corners.
         assert!((p.decode_seconds(5, 500) - 0.0275).abs() < 1e-12);

@@ -167,12 +167,14 @@ impl Router {
             .into_iter()
             .zip(reqs)
             .map(|((stream, guard), req)| {
+                let prompt_tokens = req.prompt.len() as u32;
                 routed_stream(
                     Arc::downgrade(&self.inner),
                     Arc::clone(&inst),
                     stream,
                     guard,
                     keep.then_some(req),
+                    prompt_tokens,
                 )
             })
             .collect())
@@ -213,26 +215,25 @@ impl Router {
 
     pub async fn instance_stats(&self) -> Vec<InstanceStats> {
         let insts = self.inner.snapshot();
-        let mut out = Vec::with_capacity(insts.len());
-        for i in insts.iter() {
-            let engine = tokio::time::timeout(Duration::from_secs(5), i.client.stats())
-                .await
-                .ok()
-                .flatten();
-            out.push(InstanceStats {
+        // Ask every instance at once: each answers between two of its engine steps.
+        let engines = futures_util::future::join_all(
+            insts
+                .iter()
+                .map(|i| tokio::time::timeout(Duration::from_secs(5), i.client.stats())),
+        )
+        .await;
+        let index = self.inner.index.read().expect("index lock");
+        insts
+            .iter()
+            .zip(engines)
+            .map(|(i, engine)| InstanceStats {
                 info: i.info.clone(),
                 routed: i.routed.load(Ordering::Relaxed),
                 active_seqs: i.load.load().active_seqs,
-                indexed_blocks: self
-                    .inner
-                    .index
-                    .read()
-                    .expect("index lock")
-                    .num_blocks(i.info.id),
-                engine,
-            });
-        }
-        out
+                indexed_blocks: index.num_blocks(i.info.id),
+                engine: engine.ok().flatten(),
+            })
+            .collect()
     }
 
     pub fn stats(&self) -> RouterStats {
@@ -431,6 +432,7 @@ fn routed_stream(
     stream: TokenStream,
     guard: ActiveGuard,
     req: Option<GenerateRequest>,
+    prompt_tokens: u32,
 ) -> BoxStream<'static, TokenEvent> {
     struct State {
         router: Weak<Inner>,
@@ -442,7 +444,6 @@ fn routed_stream(
         done: bool,
         prompt_tokens: u32,
     }
-    let prompt_tokens = req.as_ref().map_or(0, |r| r.prompt.len() as u32);
     let st = State {
         router,
         inst,

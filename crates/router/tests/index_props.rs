@@ -93,8 +93,44 @@ enum Op {
     },
 }
 
+/// Long shared documents: doc 1 shares doc 0's first 6 blocks, doc 2 its first 13, doc 3
+/// nothing. Prompts cut from them share deep prefixes, deeper than the index looks up in
+/// one batch.
+fn docs() -> [Vec<u32>; 4] {
+    let mut state = 7u32;
+    let mut draw = move |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                (state >> 16) % 3
+            })
+            .collect()
+    };
+    let doc0 = draw(DOC_LEN);
+    let doc1 = [&doc0[..6], &draw(DOC_LEN - 6)[..]].concat();
+    let doc2 = [&doc0[..13], &draw(DOC_LEN - 13)[..]].concat();
+    let doc3 = draw(DOC_LEN);
+    [doc0, doc1, doc2, doc3]
+}
+
+const DOC_LEN: usize = 24;
+
+/// Most recent queried prompts asked again after every step.
+const RECHECKED_PROMPTS: usize = 8;
+
+/// Short random prompts (block size 1, 3 tokens: they collide often) or a document's
+/// beginning followed by a short random tail.
 fn prompt() -> impl Strategy<Value = Vec<u32>> {
-    prop::collection::vec(0u32..3, 1..=7)
+    prop_oneof![
+        prop::collection::vec(0u32..3, 1..=7),
+        (0..4usize, 1..=DOC_LEN, prop::collection::vec(0u32..3, 0..3)).prop_map(
+            |(doc, cut, tail)| {
+                let mut prompt = docs()[doc][..cut].to_vec();
+                prompt.extend(tail);
+                prompt
+            }
+        ),
+    ]
 }
 
 /// Most single-instance operations go to a few busy instances, so that their caches churn
@@ -322,6 +358,15 @@ impl World {
         }
         self.check_against_mirrors();
         self.check_against_truth();
+        // A long lookup follows links between blocks and skips blocks whose holders equal
+        // the previous block's; both depend on the order of past stores, evictions and slab
+        // reuse, so whole prompts are asked again after every step, not only at the end.
+        for doc in docs() {
+            self.check_overlaps(&doc);
+        }
+        for prompt in self.prompts.iter().rev().take(RECHECKED_PROMPTS) {
+            self.check_overlaps(prompt);
+        }
     }
 
     /// One event reaches the router: the index and the naive mirror must agree on whether

@@ -105,6 +105,35 @@ pub struct BenchEngineArgs {
     memory_bandwidth_gbs: Option<f64>,
 }
 
+#[derive(clap::Args)]
+pub struct BenchProfileArgs {
+    /// Hugging Face model directory (default: the small synthetic model).
+    #[arg(long, env = "SWITCHYARD_MODEL")]
+    model: Option<PathBuf>,
+    /// Where to write the profile (JSON, the format `--mock-profile` reads).
+    #[arg(long)]
+    out: PathBuf,
+    /// Prompt lengths of the prefill points, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "128,512,1024,2048,4096")]
+    prefill_tokens: Vec<usize>,
+    /// Batch sizes of the decode points.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64,128")]
+    batch: Vec<usize>,
+    /// Context lengths (per sequence) of the decode points.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+    context: Vec<usize>,
+    /// Timed steps per point; the median is kept.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// KV cache to allocate, in tokens; decode points needing more are skipped.
+    #[arg(long, default_value_t = 262_144)]
+    kv_tokens: usize,
+    #[arg(long, env = "SWITCHYARD_THREADS")]
+    threads: Option<usize>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum BenchEndpoint {
     Chat,
@@ -530,5 +559,50 @@ pub fn bench_serve(args: BenchServeArgs) -> Result<()> {
     if report.failed > 0 {
         anyhow::bail!("{} of {} requests failed", report.failed, report.requests);
     }
+    Ok(())
+}
+
+pub fn bench_profile(args: BenchProfileArgs) -> Result<()> {
+    for (name, list) in [
+        ("--prefill-tokens", &args.prefill_tokens),
+        ("--batch", &args.batch),
+        ("--context", &args.context),
+    ] {
+        if list.is_empty() || list.contains(&0) {
+            anyhow::bail!("{name}: give at least one value, each at least 1");
+        }
+    }
+    if args.repeats == 0 || args.kv_tokens == 0 {
+        anyhow::bail!("--repeats and --kv-tokens must be at least 1");
+    }
+    let opts = bench::profile_bench::ProfileBenchOptions {
+        model: models::resolve(args.model)?,
+        prefill_tokens: args.prefill_tokens,
+        batch_sizes: args.batch,
+        contexts: args.context,
+        repeats: args.repeats,
+        kv_tokens: args.kv_tokens,
+    };
+    let mut progress = |line: &str| eprintln!("{line}");
+    let points = match args.device.device {
+        Device::Cpu => {
+            if let Some(n) = args.threads {
+                kernels::set_num_threads(n);
+            }
+            bench::profile_bench::run_on(&opts, CpuBackend::new(), &mut progress)?
+        }
+        Device::Cuda => {
+            let backend = args.device.cuda_backend()?;
+            bench::profile_bench::run_on(&opts, backend, &mut progress)?
+        }
+    };
+    std::fs::write(&args.out, serde_json::to_string_pretty(&points)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} prefill and {} decode points to {}",
+        points.prefill.len(),
+        points.decode.len(),
+        args.out.display()
+    );
     Ok(())
 }

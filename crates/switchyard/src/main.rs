@@ -45,6 +45,8 @@ enum BenchCommand {
     /// Streamed OpenAI load against `switchyard serve`: latency percentiles, throughput and
     /// the server's CPU per request and per output token.
     Serve(generate::BenchServeArgs),
+    /// Measure the engine's step times into a mock-engine profile (--mock-profile).
+    Profile(generate::BenchProfileArgs),
     /// Routing on a simulated cluster of mock instances, in virtual time (no HTTP).
     Sim(sim::BenchSimArgs),
 }
@@ -117,6 +119,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             command: BenchCommand::Engine(args),
         } => generate::bench_engine(args),
+        Command::Bench {
+            command: BenchCommand::Profile(args),
+        } => generate::bench_profile(args),
         Command::Bench {
             command: BenchCommand::Sim(args),
         } => sim::bench_sim(args),

@@ -48,6 +48,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_KV_CACHE_MB", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..))]
     kv_cache_mb: u64,
+    /// Tokens one engine step computes across its sequences; long prompts are prefilled
+    /// in chunks of at most this, so smaller values keep decodes flowing (lower
+    /// inter-token latency) at some cost in prefill throughput.
+    #[arg(long, env = "SWITCHYARD_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    max_num_batched_tokens: u32,
     /// Compute threads (default: all cores).
     #[arg(long, env = "SWITCHYARD_THREADS")]
     threads: Option<usize>,
@@ -188,6 +194,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             device: args.device.clone(),
             opts: EngineOptions {
                 kv_cache_bytes: usize::try_from(args.kv_cache_mb << 20).unwrap_or(usize::MAX),
+                max_batched_tokens: args.max_num_batched_tokens as usize,
                 ..EngineOptions::default()
             },
             handle_opts: HandleOptions {
@@ -358,6 +365,7 @@ fn start_mock(
         speedup: plan.mock_speedup,
     };
     opts.scheduler.num_blocks = plan.mock_kv_blocks;
+    opts.scheduler.max_batched_tokens = plan.opts.max_batched_tokens;
     if let Some(n) = plan.mock_max_model_len {
         opts.max_model_len = n;
     }

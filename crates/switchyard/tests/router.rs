@@ -147,3 +147,43 @@ fn an_instance_that_stops_mid_load_is_forgotten_and_nothing_hangs() {
     assert_eq!(srv.post("/admin/instances/1/stop", &json!({})).status, 404);
     assert_eq!(srv.post("/admin/instances/x/stop", &json!({})).status, 400);
 }
+
+#[test]
+fn many_mock_instances_run_in_one_process() {
+    let srv = Server::start(&[
+        "--engine",
+        "mock",
+        "--instances",
+        "32",
+        "--router-mode",
+        "round-robin",
+        "--mock-speedup",
+        "100",
+    ]);
+    let clients: Vec<_> = (0..64)
+        .map(|i| {
+            let addr = srv.addr.clone();
+            std::thread::spawn(move || {
+                let body = json!({"prompt": format!("mock request {i}"), "max_tokens": 5 + i % 7,
+                    "stream": true, "stream_options": {"include_usage": true}});
+                (
+                    i,
+                    summarize(&EventStream::open(&addr, "/v1/completions", &body).collect()),
+                )
+            })
+        })
+        .collect();
+    for c in clients {
+        let (i, s) = c.join().expect("client thread");
+        assert!(s.done);
+        assert_eq!(s.usage.unwrap()["completion_tokens"], 5 + i % 7);
+    }
+    let inst = srv.get("/admin/instances").json();
+    let all = inst["instances"].as_array().unwrap();
+    assert_eq!(all.len(), 32);
+    for i in all {
+        assert_eq!(i["routed"], 2, "{i}");
+        assert_eq!(i["info"]["device"], "mock");
+    }
+    srv.wait_idle(Duration::from_secs(10));
+}
