@@ -15,7 +15,10 @@
 //! where the prompt leaves the chain as stored. Links are hints, always checked against the
 //! hash and never needed for correctness; there is nothing to split or merge. Where a block
 //! has the same holders as the one before it (blocks stored together by the same instances),
-//! the lookup compares the two sorted arrays instead of testing every candidate.
+//! the lookup compares the two sorted arrays instead of testing every candidate. A bitset
+//! keeps, against the block its `prev` link names, the words in which it lacks holders of
+//! that block (kept up to date as either changes, checked by version numbers): a lookup
+//! coming from there narrows only those words, a few of the 16 that 1024 instances take.
 //!
 //! The holder sets are the only membership record. Per instance the index keeps a log of the
 //! blocks it stored, a superset of what it holds that is compacted once stale entries pile
@@ -102,7 +105,21 @@ enum Holders {
     },
     /// One bit per slot; `len` bits set. Sized for the slots that existed when it was made,
     /// grown on demand.
-    Bits { len: u32, words: Box<[u64]> },
+    Bits {
+        len: u32,
+        words: Box<[u64]>,
+        /// Changes with the set (a number drawn from `KvIndex::versions`; 0: not yet).
+        version: u64,
+        /// The version before the last change, and the word that change was in: a child
+        /// whose drops were taken one change ago needs only that word brought up to date.
+        before: u64,
+        last_word: u16,
+        /// Bit `i` set where word `i` of the block before this one (its `prev` link) has
+        /// holders that this one lacks: the only words a lookup coming from there needs
+        /// to narrow. Valid while `seen` is that block's `version`.
+        drops: u64,
+        seen: u64,
+    },
 }
 
 /// Filler of unused inline entries; no instance gets this slot (that would take 2^32 - 1
@@ -182,10 +199,15 @@ impl Holders {
                 *self = Holders::Bits {
                     len: n as u32 + 1,
                     words,
+                    version: 0,
+                    before: 0,
+                    last_word: 0,
+                    drops: 0,
+                    seen: 0,
                 };
                 true
             }
-            Holders::Bits { len, words } => {
+            Holders::Bits { len, words, .. } => {
                 let (w, mask) = bit(slot);
                 if w >= words.len() {
                     let mut grown = std::mem::take(words).into_vec();
@@ -214,7 +236,7 @@ impl Holders {
                 *len -= 1;
                 true
             }
-            Holders::Bits { len, words } => {
+            Holders::Bits { len, words, .. } => {
                 let (w, mask) = bit(slot);
                 match words.get_mut(w) {
                     Some(word) if *word & mask != 0 => *word &= !mask,
@@ -271,6 +293,69 @@ fn for_each_bit(words: &[u64], mut f: impl FnMut(Slot)) {
     }
 }
 
+/// Bitsets of at most this many words (128 instances) are narrowed in one pass.
+const SHORT_BITSET: usize = 2;
+
+/// Keeps in `cand` the bits also set in `held` (missing words of `held` are zero) and calls
+/// `emit(word index, bits)` for every word that lost bits. Two passes, so that the first
+/// (one AND-NOT per word, no branch) vectorises and the second visits only the words that
+/// lost someone: a shared prefix drops a few of its hundreds of holders per block, and a
+/// branch per word was mispredicted about once per lost holder.
+fn narrow_bits(
+    cand: &mut [u64],
+    lost: &mut Vec<u64>,
+    held: &[u64],
+    mut emit: impl FnMut(usize, u64),
+) {
+    let n = cand.len();
+    if n <= SHORT_BITSET {
+        // Too few words for the two passes to pay.
+        for (i, c) in cand.iter_mut().enumerate() {
+            let h = held.get(i).copied().unwrap_or(0);
+            let l = *c & !h;
+            *c &= h;
+            if l != 0 {
+                emit(i, l);
+            }
+        }
+        return;
+    }
+    if lost.len() < n {
+        lost.resize(n, 0);
+    }
+    let lost = &mut lost[..n];
+    let shared = n.min(held.len());
+    let mut any = 0u64;
+    for ((c, l), &h) in cand[..shared]
+        .iter_mut()
+        .zip(&mut lost[..shared])
+        .zip(&held[..shared])
+    {
+        *l = *c & !h;
+        *c &= h;
+        any |= *l;
+    }
+    for (c, l) in cand[shared..].iter_mut().zip(&mut lost[shared..]) {
+        *l = *c;
+        *c = 0;
+        any |= *l;
+    }
+    if any == 0 {
+        return;
+    }
+    for (chunk, words) in lost.chunks(64).enumerate() {
+        let mut nonzero = words
+            .iter()
+            .enumerate()
+            .fold(0u64, |m, (i, &w)| m | (u64::from(w != 0) << i));
+        while nonzero != 0 {
+            let i = nonzero.trailing_zeros() as usize;
+            emit(chunk * 64 + i, words[i]);
+            nonzero &= nonzero - 1;
+        }
+    }
+}
+
 /// Where a stored block goes: after the block stored before it in the same event or
 /// snapshot, or under the event's parent.
 #[derive(Debug, Clone, Copy)]
@@ -278,6 +363,11 @@ enum Link {
     After(BlockId),
     Parent(Option<u64>),
 }
+
+/// Bitsets shorter than this keep no drops: narrowing all of their words costs about what
+/// narrowing by drops does, and keeping drops costs every store and eviction a look at the
+/// neighbouring blocks. 256 instances.
+const DROPS_MIN_WORDS: usize = 4;
 
 /// Stale log entries tolerated before compaction, beyond as many as the blocks held.
 const LOG_SLACK: usize = 8;
@@ -305,6 +395,8 @@ pub struct OverlapScratch {
     words: Vec<u64>,
     /// Candidates as a list, once few remain.
     list: Vec<Slot>,
+    /// Per word of `words`, the candidates the current block dropped.
+    lost: Vec<u64>,
 }
 
 thread_local! {
@@ -357,6 +449,8 @@ pub struct KvIndex {
     entries: usize,
     /// Scratch for log compaction, one bit per slab entry; all zero between passes.
     compact_seen: Vec<u64>,
+    /// Last version handed to a bitset (see `Holders::Bits`); never reused.
+    versions: u64,
 }
 
 impl KvIndex {
@@ -398,8 +492,9 @@ impl KvIndex {
                 // prefix whether or not the parent is still cached. It only tells where a
                 // new chain hangs, so that lookups can follow the link.
                 let mut at = Link::Parent(*parent_hash);
-                for block in blocks {
-                    at = Link::After(self.store(slot, block.hash, at));
+                for (i, block) in blocks.iter().enumerate() {
+                    let last = i + 1 == blocks.len();
+                    at = Link::After(self.store(slot, block.hash, at, last));
                 }
             }
             KvEventData::BlockRemoved { hashes } => {
@@ -431,8 +526,8 @@ impl KvIndex {
         let slot = self.slot_or_register(instance);
         self.clear_slot(slot);
         let mut at = Link::Parent(None);
-        for &hash in hashes {
-            at = Link::After(self.store(slot, hash, at));
+        for (i, &hash) in hashes.iter().enumerate() {
+            at = Link::After(self.store(slot, hash, at, i + 1 == hashes.len()));
         }
         let state = &mut self.slots[slot as usize];
         state.next_event = last_event_id.map_or(0, |id| id.saturating_add(1));
@@ -514,11 +609,20 @@ impl KvIndex {
             // The same holders as the block before (sorted, so equal sets are equal arrays):
             // nobody is lost, and one compare of two arrays replaces a test per candidate.
             // Blocks stored together by the same instances are like this.
-            let same = block
-                .holders
-                .same_inline(&self.blocks[prev as usize].holders);
+            let before = &self.blocks[prev as usize].holders;
+            let same = block.holders.same_inline(before);
+            // Coming from the block this one's drops were taken against: only the words
+            // that lose holders there need narrowing.
+            let drops = match (&block.holders, before) {
+                (Holders::Bits { drops, seen, .. }, Holders::Bits { version, .. })
+                    if block.prev == prev && *seen == *version && *seen != 0 =>
+                {
+                    Some(*drops)
+                }
+                _ => None,
+            };
             prev = at;
-            if !same && !walk.narrow(&block.holders, level) {
+            if !same && !walk.narrow(&block.holders, drops, level) {
                 return;
             }
         }
@@ -657,9 +761,9 @@ impl KvIndex {
         slot
     }
 
-    /// Adds `slot` to the holders of `hash`, stored right after the block `at` names.
-    /// Returns the block.
-    fn store(&mut self, slot: Slot, hash: u64, at: Link) -> BlockId {
+    /// Adds `slot` to the holders of `hash`, stored right after the block `at` names;
+    /// `last`: no block of the same event or snapshot comes after it. Returns the block.
+    fn store(&mut self, slot: Slot, hash: u64, at: Link, last: bool) -> BlockId {
         let after = match at {
             Link::After(prev) => prev,
             Link::Parent(_) => NO_BLOCK,
@@ -681,7 +785,15 @@ impl KvIndex {
                 };
                 if let Some(prev) = self.blocks.get_mut(after as usize) {
                     prev.next = id;
-                    self.blocks[id as usize].prev = after;
+                    let block = &mut self.blocks[id as usize];
+                    if block.prev != after {
+                        block.prev = after;
+                        if let Holders::Bits { seen, .. } = &mut block.holders {
+                            // Drops were against another block.
+                            *seen = 0;
+                        }
+                        self.update_drops(after, id, 0);
+                    }
                 }
                 id
             }
@@ -690,6 +802,7 @@ impl KvIndex {
             .holders
             .insert(slot, self.slots.len())
         {
+            self.changed(id, slot, last);
             self.entries += 1;
             let state = &mut self.slots[slot as usize];
             state.held += 1;
@@ -744,6 +857,9 @@ impl KvIndex {
             self.ids.remove(&block.hash);
             self.free_blocks.push(id);
         }
+        if held {
+            self.changed(id, slot, true);
+        }
         held
     }
 
@@ -757,6 +873,85 @@ impl KvIndex {
         }
         log.clear();
         self.slots[slot as usize].log = log;
+    }
+
+    /// After `slot` joined or left block `id`: a new version for its bitset, and the drops
+    /// of the block brought up to date, and those of its child (the block its `next` link
+    /// names, if that one links back) when `child_too`. A store of several blocks leaves
+    /// that to the block it stores next, which is the child, when it updates its own.
+    fn changed(&mut self, id: BlockId, slot: Slot, child_too: bool) {
+        let w = (slot / 64) as usize;
+        let block = &mut self.blocks[id as usize];
+        let (prev, next) = (block.prev, block.next);
+        match &mut block.holders {
+            Holders::Bits {
+                words,
+                version,
+                before,
+                last_word,
+                ..
+            } if words.len() >= DROPS_MIN_WORDS => {
+                self.versions += 1;
+                *before = *version;
+                *version = self.versions;
+                *last_word = u16::try_from(w).unwrap_or(u16::MAX);
+            }
+            // Neither this block's drops nor its child's are kept up to date: they stop
+            // matching the versions, and lookups narrow every word.
+            _ => return,
+        }
+        self.update_drops(prev, id, w);
+        if child_too && self.blocks.get(next as usize).is_some_and(|b| b.prev == id) {
+            self.update_drops(id, next, w);
+        }
+    }
+
+    /// Brings the drops of `child` relative to `parent` up to date, where they were taken
+    /// against the parent's current or previous version and only word `w` of the child
+    /// changed since; otherwise takes them anew from every word.
+    fn update_drops(&mut self, parent: BlockId, child: BlockId, w: usize) {
+        let Some(Holders::Bits {
+            words: up,
+            version,
+            before,
+            last_word,
+            ..
+        }) = self.blocks.get(parent as usize).map(|b| &b.holders)
+        else {
+            return;
+        };
+        let Holders::Bits {
+            words: down,
+            drops,
+            seen,
+            ..
+        } = &self.blocks[child as usize].holders
+        else {
+            return;
+        };
+        let word = |words: &[u64], i: usize| words.get(i).copied().unwrap_or(0);
+        let fix = |drops: u64, i: usize| {
+            let lost = word(up, i) & !word(down, i) != 0;
+            (drops & !(1 << i)) | (u64::from(lost) << i)
+        };
+        let last_word = usize::from(*last_word);
+        // Words past 64 are not tracked: such a parent never counts as up to date.
+        let (new_drops, valid) = if up.len() > 64 {
+            (0, 0)
+        } else if *seen != 0 && *seen == *version && w < 64 {
+            (fix(*drops, w), *version)
+        } else if *seen != 0 && *seen == *before && w < 64 && last_word < 64 {
+            (fix(fix(*drops, w), last_word), *version)
+        } else {
+            let all = (0..up.len()).fold(0u64, |m, i| {
+                m | (u64::from(up[i] & !word(down, i) != 0) << i)
+            });
+            (all, *version)
+        };
+        if let Holders::Bits { drops, seen, .. } = &mut self.blocks[child as usize].holders {
+            *drops = new_drops;
+            *seen = valid;
+        }
     }
 
     /// Drops dropped blocks and repeats from the log once they outnumber the held ones
@@ -819,6 +1014,8 @@ impl<'a> Walk<'a> {
                 true
             }
         };
+        // Every result comes from the first block's holders: no growth while emitting.
+        out.reserve(first.len());
         Self {
             index,
             scratch,
@@ -830,7 +1027,7 @@ impl<'a> Walk<'a> {
 
     /// Keeps the candidates that also hold the block at `depth` (0-based); the others stop
     /// with `depth` blocks. Returns whether any candidate is left.
-    fn narrow(&mut self, holders: &Holders, depth: u32) -> bool {
+    fn narrow(&mut self, holders: &Holders, drops: Option<u64>, depth: u32) -> bool {
         let scratch = &mut *self.scratch;
         if !self.as_bits {
             let (index, out) = (self.index, &mut *self.out);
@@ -846,17 +1043,27 @@ impl<'a> Walk<'a> {
         }
         match holders {
             Holders::Bits { words, .. } => {
-                // Words past the end of the holder bitset hold nobody.
-                let shared = words.len().min(scratch.words.len());
-                for (i, cand) in scratch.words.iter_mut().enumerate() {
-                    let held = if i < shared { words[i] } else { 0 };
-                    let lost = *cand & !held;
-                    if lost != 0 {
-                        self.index.emit_word(i, lost, depth, self.out);
-                        self.left -= lost.count_ones() as usize;
+                let emitted = self.out.len();
+                if let Some(mut drops) = drops {
+                    // The candidates all hold the block before: only these words change.
+                    while drops != 0 {
+                        let i = drops.trailing_zeros() as usize;
+                        drops &= drops - 1;
+                        let Some(cand) = scratch.words.get_mut(i) else {
+                            break;
+                        };
+                        let lost = *cand & !words.get(i).copied().unwrap_or(0);
+                        if lost != 0 {
+                            *cand &= !lost;
+                            self.index.emit_word(i, lost, depth, self.out);
+                        }
                     }
-                    *cand &= held;
+                } else {
+                    narrow_bits(&mut scratch.words, &mut scratch.lost, words, |i, lost| {
+                        self.index.emit_word(i, lost, depth, self.out)
+                    });
                 }
+                self.left -= self.out.len() - emitted;
                 // Scanning every word costs more than testing few candidates.
                 if self.left > 0 && self.left < scratch.words.len() {
                     scratch.list.clear();
@@ -1286,6 +1493,71 @@ mod tests {
         assert_eq!(overlaps(&index, &[1, 2, 3, 4]), [(5, 3), (6, 3), (7, 2)]);
         remove(&mut index, 6, &[3]);
         assert_eq!(overlaps(&index, &[1, 2, 3]), [(5, 3), (6, 2), (7, 2)]);
+    }
+
+    /// Every block whose drops claim to be up to date against its `prev` has exactly the
+    /// drops that the two bitsets give.
+    fn assert_drops_hold(index: &KvIndex) {
+        for (id, block) in index.blocks.iter().enumerate() {
+            let Holders::Bits {
+                words, drops, seen, ..
+            } = &block.holders
+            else {
+                continue;
+            };
+            let Some(Holders::Bits {
+                words: up, version, ..
+            }) = index.blocks.get(block.prev as usize).map(|b| &b.holders)
+            else {
+                continue;
+            };
+            if *seen == 0 || seen != version {
+                continue;
+            }
+            let want = (0..up.len()).fold(0u64, |m, i| {
+                m | (u64::from(up[i] & !words.get(i).copied().unwrap_or(0) != 0) << i)
+            });
+            assert_eq!(*drops, want, "block {id}");
+        }
+    }
+
+    #[test]
+    fn drops_follow_stores_and_evictions_on_both_sides() {
+        let chain: Vec<u64> = (500..530).collect();
+        let mut index = KvIndex::new();
+        let mut depth = vec![0usize; 400];
+        let mut state = 1u64;
+        let mut draw = |n: usize| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) as usize % n
+        };
+        for step in 0..6000 {
+            let id = draw(depth.len());
+            let held = depth[id];
+            if held > 0 && draw(3) == 0 {
+                // Evict the tail, leaf first; now and then a block in the middle too.
+                let to = draw(held);
+                let tail: Vec<u64> = chain[to..held].iter().rev().copied().collect();
+                remove(&mut index, id as u64, &tail);
+                depth[id] = to;
+            } else if held < chain.len() {
+                let to = held + 1 + draw(chain.len() - held);
+                let ev = stored(0, held.checked_sub(1).map(|p| chain[p]), &chain[held..to]);
+                feed(&mut index, id as u64, ev.data);
+                depth[id] = to;
+            }
+            if step % 500 == 0 {
+                assert_drops_hold(&index);
+                let want: Vec<_> = (0..depth.len())
+                    .filter(|&i| depth[i] > 0)
+                    .map(|i| (i as u64, depth[i] as u32))
+                    .collect();
+                assert_eq!(overlaps(&index, &chain), want, "step {step}");
+            }
+        }
+        assert_drops_hold(&index);
     }
 
     #[test]

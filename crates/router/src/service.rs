@@ -397,16 +397,21 @@ impl Inner {
                 .read()
                 .expect("index lock")
                 .overlaps(&hashes, &mut overlaps);
+            // `live` is sorted by id: sort the overlaps too and join them in one pass.
+            overlaps.sort_unstable_by_key(|&(id, _)| id);
         }
+        let mut ov = overlaps.iter().peekable();
         let cands: Vec<Candidate> = live
             .iter()
-            .map(|i| Candidate {
-                instance: i.info.id,
-                overlap_blocks: overlaps
-                    .iter()
-                    .find(|(id, _)| *id == i.info.id)
-                    .map_or(0, |&(_, n)| n),
-                load: i.load.load(),
+            .map(|i| {
+                let id = i.info.id;
+                while ov.next_if(|&&(o, _)| o < id).is_some() {}
+                let overlap_blocks = ov.next_if(|&&(o, _)| o == id).map_or(0, |&(_, n)| n);
+                Candidate {
+                    instance: id,
+                    overlap_blocks,
+                    load: i.load.load(),
+                }
             })
             .collect();
         let pick = self
