@@ -17,8 +17,9 @@
 //! has the same holders as the one before it (blocks stored together by the same instances),
 //! the lookup compares the two sorted arrays instead of testing every candidate. A bitset
 //! keeps, against the block its `prev` link names, the words in which it lacks holders of
-//! that block (kept up to date as either changes, checked by version numbers): a lookup
-//! coming from there narrows only those words, a few of the 16 that 1024 instances take.
+//! that block (taken by the first lookup after either changes, checked by version numbers):
+//! a lookup coming from there narrows only those words, a few of the 16 that 1024 instances
+//! take.
 //!
 //! The holder sets are the only membership record. Per instance the index keeps a log of the
 //! blocks it stored, a superset of what it holds that is compacted once stale entries pile
@@ -33,6 +34,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::mem::size_of;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use protocol::{KvEvent, KvEventData, KvSnapshot};
 
@@ -95,7 +97,7 @@ impl Hasher for MulRotHasher {
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<MulRotHasher>>;
 
 /// The instances holding one block.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Holders {
     /// Ascending, the first `len` entries in use, the rest `NO_SLOT`, so that a membership
     /// test compares every entry without looking at `len`, and equal sets are equal arrays.
@@ -108,17 +110,19 @@ enum Holders {
     Bits {
         len: u32,
         words: Box<[u64]>,
-        /// Changes with the set (a number drawn from `KvIndex::versions`; 0: not yet).
+        /// Changes with the set (a number drawn from `KvIndex::versions`, so it also
+        /// names the block; 0: not yet).
         version: u64,
-        /// The version before the last change, and the word that change was in: a child
-        /// whose drops were taken one change ago needs only that word brought up to date.
-        before: u64,
-        last_word: u16,
         /// Bit `i` set where word `i` of the block before this one (its `prev` link) has
         /// holders that this one lacks: the only words a lookup coming from there needs
-        /// to narrow. Valid while `seen` is that block's `version`.
-        drops: u64,
-        seen: u64,
+        /// to narrow. Valid while `seen` is that block's `version` (0: never); a change to
+        /// this set resets it. Taken by the first lookup that finds it stale, not by the
+        /// events: keeping it current read the neighbouring blocks' bitsets, a cache miss
+        /// or two per event, while a lookup that needs it has both at hand. Atomic because
+        /// lookups share the index: they all store the same value for the same versions,
+        /// and the `seen` they publish comes after the `drops` it vouches for.
+        drops: AtomicU64,
+        seen: AtomicU64,
     },
 }
 
@@ -200,10 +204,8 @@ impl Holders {
                     len: n as u32 + 1,
                     words,
                     version: 0,
-                    before: 0,
-                    last_word: 0,
-                    drops: 0,
-                    seen: 0,
+                    drops: AtomicU64::new(0),
+                    seen: AtomicU64::new(0),
                 };
                 true
             }
@@ -364,10 +366,41 @@ enum Link {
     Parent(Option<u64>),
 }
 
-/// Bitsets shorter than this keep no drops: narrowing all of their words costs about what
-/// narrowing by drops does, and keeping drops costs every store and eviction a look at the
-/// neighbouring blocks. 256 instances.
+/// Lookups use no drops against bitsets shorter than this: narrowing all of their words
+/// costs about what taking and using drops does. 256 instances.
 const DROPS_MIN_WORDS: usize = 4;
+
+/// The drops of `block` against `up`, the block its `prev` link names, taking them anew
+/// (and keeping them for the next lookup) where a change to either made them stale. `None`
+/// where either is inline or `up` is too short or too long for drops to pay or fit.
+fn drops_against(block: &Holders, up: &Holders) -> Option<u64> {
+    let (
+        Holders::Bits {
+            words: down,
+            drops,
+            seen,
+            ..
+        },
+        Holders::Bits {
+            words: up, version, ..
+        },
+    ) = (block, up)
+    else {
+        return None;
+    };
+    if !(DROPS_MIN_WORDS..=64).contains(&up.len()) || *version == 0 {
+        return None;
+    }
+    if seen.load(Ordering::Acquire) == *version {
+        return Some(drops.load(Ordering::Relaxed));
+    }
+    let fresh = up.iter().enumerate().fold(0u64, |m, (i, &w)| {
+        m | (u64::from(w & !down.get(i).copied().unwrap_or(0) != 0) << i)
+    });
+    drops.store(fresh, Ordering::Relaxed);
+    seen.store(*version, Ordering::Release);
+    Some(fresh)
+}
 
 /// Stale log entries tolerated before compaction, beyond as many as the blocks held.
 const LOG_SLACK: usize = 8;
@@ -492,9 +525,8 @@ impl KvIndex {
                 // prefix whether or not the parent is still cached. It only tells where a
                 // new chain hangs, so that lookups can follow the link.
                 let mut at = Link::Parent(*parent_hash);
-                for (i, block) in blocks.iter().enumerate() {
-                    let last = i + 1 == blocks.len();
-                    at = Link::After(self.store(slot, block.hash, at, last));
+                for block in blocks {
+                    at = Link::After(self.store(slot, block.hash, at));
                 }
             }
             KvEventData::BlockRemoved { hashes } => {
@@ -526,8 +558,8 @@ impl KvIndex {
         let slot = self.slot_or_register(instance);
         self.clear_slot(slot);
         let mut at = Link::Parent(None);
-        for (i, &hash) in hashes.iter().enumerate() {
-            at = Link::After(self.store(slot, hash, at, i + 1 == hashes.len()));
+        for &hash in hashes {
+            at = Link::After(self.store(slot, hash, at));
         }
         let state = &mut self.slots[slot as usize];
         state.next_event = last_event_id.map_or(0, |id| id.saturating_add(1));
@@ -611,15 +643,12 @@ impl KvIndex {
             // Blocks stored together by the same instances are like this.
             let before = &self.blocks[prev as usize].holders;
             let same = block.holders.same_inline(before);
-            // Coming from the block this one's drops were taken against: only the words
+            // Coming from the block this one's drops are taken against: only the words
             // that lose holders there need narrowing.
-            let drops = match (&block.holders, before) {
-                (Holders::Bits { drops, seen, .. }, Holders::Bits { version, .. })
-                    if block.prev == prev && *seen == *version && *seen != 0 =>
-                {
-                    Some(*drops)
-                }
-                _ => None,
+            let drops = if block.prev == prev {
+                drops_against(&block.holders, before)
+            } else {
+                None
             };
             prev = at;
             if !same && !walk.narrow(&block.holders, drops, level) {
@@ -761,9 +790,9 @@ impl KvIndex {
         slot
     }
 
-    /// Adds `slot` to the holders of `hash`, stored right after the block `at` names;
-    /// `last`: no block of the same event or snapshot comes after it. Returns the block.
-    fn store(&mut self, slot: Slot, hash: u64, at: Link, last: bool) -> BlockId {
+    /// Adds `slot` to the holders of `hash`, stored right after the block `at` names.
+    /// Returns the block.
+    fn store(&mut self, slot: Slot, hash: u64, at: Link) -> BlockId {
         let after = match at {
             Link::After(prev) => prev,
             Link::Parent(_) => NO_BLOCK,
@@ -790,9 +819,8 @@ impl KvIndex {
                         block.prev = after;
                         if let Holders::Bits { seen, .. } = &mut block.holders {
                             // Drops were against another block.
-                            *seen = 0;
+                            *seen.get_mut() = 0;
                         }
-                        self.update_drops(after, id, 0);
                     }
                 }
                 id
@@ -802,7 +830,7 @@ impl KvIndex {
             .holders
             .insert(slot, self.slots.len())
         {
-            self.changed(id, slot, last);
+            self.changed(id);
             self.entries += 1;
             let state = &mut self.slots[slot as usize];
             state.held += 1;
@@ -858,7 +886,7 @@ impl KvIndex {
             self.free_blocks.push(id);
         }
         if held {
-            self.changed(id, slot, true);
+            self.changed(id);
         }
         held
     }
@@ -875,82 +903,13 @@ impl KvIndex {
         self.slots[slot as usize].log = log;
     }
 
-    /// After `slot` joined or left block `id`: a new version for its bitset, and the drops
-    /// of the block brought up to date, and those of its child (the block its `next` link
-    /// names, if that one links back) when `child_too`. A store of several blocks leaves
-    /// that to the block it stores next, which is the child, when it updates its own.
-    fn changed(&mut self, id: BlockId, slot: Slot, child_too: bool) {
-        let w = (slot / 64) as usize;
-        let block = &mut self.blocks[id as usize];
-        let (prev, next) = (block.prev, block.next);
-        match &mut block.holders {
-            Holders::Bits {
-                words,
-                version,
-                before,
-                last_word,
-                ..
-            } if words.len() >= DROPS_MIN_WORDS => {
-                self.versions += 1;
-                *before = *version;
-                *version = self.versions;
-                *last_word = u16::try_from(w).unwrap_or(u16::MAX);
-            }
-            // Neither this block's drops nor its child's are kept up to date: they stop
-            // matching the versions, and lookups narrow every word.
-            _ => return,
-        }
-        self.update_drops(prev, id, w);
-        if child_too && self.blocks.get(next as usize).is_some_and(|b| b.prev == id) {
-            self.update_drops(id, next, w);
-        }
-    }
-
-    /// Brings the drops of `child` relative to `parent` up to date, where they were taken
-    /// against the parent's current or previous version and only word `w` of the child
-    /// changed since; otherwise takes them anew from every word.
-    fn update_drops(&mut self, parent: BlockId, child: BlockId, w: usize) {
-        let Some(Holders::Bits {
-            words: up,
-            version,
-            before,
-            last_word,
-            ..
-        }) = self.blocks.get(parent as usize).map(|b| &b.holders)
-        else {
-            return;
-        };
-        let Holders::Bits {
-            words: down,
-            drops,
-            seen,
-            ..
-        } = &self.blocks[child as usize].holders
-        else {
-            return;
-        };
-        let word = |words: &[u64], i: usize| words.get(i).copied().unwrap_or(0);
-        let fix = |drops: u64, i: usize| {
-            let lost = word(up, i) & !word(down, i) != 0;
-            (drops & !(1 << i)) | (u64::from(lost) << i)
-        };
-        let last_word = usize::from(*last_word);
-        // Words past 64 are not tracked: such a parent never counts as up to date.
-        let (new_drops, valid) = if up.len() > 64 {
-            (0, 0)
-        } else if *seen != 0 && *seen == *version && w < 64 {
-            (fix(*drops, w), *version)
-        } else if *seen != 0 && *seen == *before && w < 64 && last_word < 64 {
-            (fix(fix(*drops, w), last_word), *version)
-        } else {
-            let all = (0..up.len()).fold(0u64, |m, i| {
-                m | (u64::from(up[i] & !word(down, i) != 0) << i)
-            });
-            (all, *version)
-        };
-        if let Holders::Bits { drops, seen, .. } = &mut self.blocks[child as usize].holders {
-            *drops = new_drops;
-            *seen = valid;
+    /// After an instance joined or left block `id`: a new version for its bitset, which
+    /// makes stale the drops of its child, and its own drops stale.
+    fn changed(&mut self, id: BlockId) {
+        if let Holders::Bits { version, seen, .. } = &mut self.blocks[id as usize].holders {
+            self.versions += 1;
+            *version = self.versions;
+            *seen.get_mut() = 0;
         }
     }
 
@@ -1496,8 +1455,9 @@ mod tests {
     }
 
     /// Every block whose drops claim to be up to date against its `prev` has exactly the
-    /// drops that the two bitsets give.
-    fn assert_drops_hold(index: &KvIndex) {
+    /// drops that the two bitsets give. Returns how many blocks have such drops.
+    fn assert_drops_hold(index: &KvIndex) -> usize {
+        let mut current = 0;
         for (id, block) in index.blocks.iter().enumerate() {
             let Holders::Bits {
                 words, drops, seen, ..
@@ -1511,18 +1471,21 @@ mod tests {
             else {
                 continue;
             };
-            if *seen == 0 || seen != version {
+            let (drops, seen) = (drops.load(Ordering::Relaxed), seen.load(Ordering::Relaxed));
+            if seen == 0 || seen != *version {
                 continue;
             }
             let want = (0..up.len()).fold(0u64, |m, i| {
                 m | (u64::from(up[i] & !words.get(i).copied().unwrap_or(0) != 0) << i)
             });
-            assert_eq!(*drops, want, "block {id}");
+            assert_eq!(drops, want, "block {id}");
+            current += 1;
         }
+        current
     }
 
     #[test]
-    fn drops_follow_stores_and_evictions_on_both_sides() {
+    fn drops_taken_by_lookups_stay_right_through_stores_and_evictions() {
         let chain: Vec<u64> = (500..530).collect();
         let mut index = KvIndex::new();
         let mut depth = vec![0usize; 400];
@@ -1555,9 +1518,15 @@ mod tests {
                     .map(|i| (i as u64, depth[i] as u32))
                     .collect();
                 assert_eq!(overlaps(&index, &chain), want, "step {step}");
+                // The second lookup uses the drops the first one took.
+                assert_eq!(overlaps(&index, &chain), want, "step {step}, again");
+            }
+            if step % 100 == 0 {
+                assert_drops_hold(&index);
             }
         }
-        assert_drops_hold(&index);
+        overlaps(&index, &chain);
+        assert!(assert_drops_hold(&index) > 0, "the lookup took no drops");
     }
 
     #[test]

@@ -296,6 +296,21 @@ impl Inner {
         let id = info.id;
         {
             let mut g = self.instances.write().expect("instances lock");
+            // Prompts are hashed once per request with one block size; an instance with
+            // another would never match, and its load would be misjudged.
+            if let Some(other) = g
+                .iter()
+                .find(|i| i.info.id != id && i.info.block_size != info.block_size)
+            {
+                tracing::error!(
+                    instance = id,
+                    "not routing to this instance: its KV block size {} differs from instance {}'s {}",
+                    info.block_size,
+                    other.info.id,
+                    other.info.block_size
+                );
+                return;
+            }
             let mut v: Vec<Arc<Instance>> = g.iter().filter(|i| i.info.id != id).cloned().collect();
             v.push(Arc::new(Instance {
                 info,

@@ -209,3 +209,50 @@ async fn a_dead_instance_is_dropped_and_work_goes_elsewhere() {
         .expect("refused");
     assert!(err.to_string().contains("no engine instance"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_with_another_block_size_is_not_routed_to() {
+    let c = cluster(2, RouterMode::Kv);
+    wait_for("instances", || c.router.num_instances() == 2).await;
+    let extra = |id: u64, block_size: usize| {
+        let cfg = EngineConfig {
+            scheduler: SchedulerConfig {
+                block_size,
+                num_blocks: 64,
+                ..SchedulerConfig::default()
+            },
+            max_model_len: 1024,
+            eos_token_ids: vec![],
+        };
+        let h = EngineHandle::spawn(LlmEngine::new(cfg, Constant), HandleOptions::default());
+        let info = InstanceInfo {
+            id,
+            model: "m".into(),
+            role: Role::Both,
+            block_size,
+            kv_blocks: 64,
+            device: "test".into(),
+            tensor_parallel: 1,
+        };
+        c.discovery
+            .register(info, Arc::new(LocalClient::new(h.clone())));
+        h
+    };
+    let odd = extra(7, 32);
+    let fine = extra(8, BS);
+    // Discovery changes apply in order: once 8 is in, 7 has been seen and refused.
+    wait_for("instance 8", || c.router.num_instances() == 3).await;
+    let ids: Vec<u64> = c
+        .router
+        .instance_stats()
+        .await
+        .iter()
+        .map(|i| i.info.id)
+        .collect();
+    assert_eq!(ids, [0, 1, 8]);
+    for h in [odd, fine] {
+        tokio::task::spawn_blocking(move || h.shutdown())
+            .await
+            .unwrap();
+    }
+}
