@@ -59,7 +59,8 @@ fn load<B: Backend>(
     Ok(build_engine(&opts.model, backend, &eopts, &mut |_, _| {})?)
 }
 
-fn request(seed: usize, len: usize, vocab: usize, max_tokens: usize) -> GenerateRequest {
+/// A greedy request for `len` deterministic prompt tokens that ignores EOS.
+pub(crate) fn request(seed: usize, len: usize, vocab: usize, max_tokens: usize) -> GenerateRequest {
     let prompt = (0..len)
         .map(|i| ((seed * 7919 + i * 104_729 + 13) % vocab) as u32)
         .collect();

@@ -12,9 +12,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use engine::backend::Backend;
-use engine::core::{GenerateRequest, LlmEngine};
+use engine::core::LlmEngine;
 use engine::model::{build_engine, EngineOptions, ModelExecutor};
 use mocker::{DecodePoint, PrefillPoint, Profile, ProfilePoints};
+
+use crate::engine_bench::request;
 
 #[derive(Clone, Debug)]
 pub struct ProfileBenchOptions {
@@ -26,15 +28,6 @@ pub struct ProfileBenchOptions {
     pub repeats: usize,
     /// Tokens of KV cache to allocate; decode points that need more are skipped.
     pub kv_tokens: usize,
-}
-
-fn request(seed: usize, len: usize, vocab: usize, max_tokens: usize) -> GenerateRequest {
-    let prompt = (0..len)
-        .map(|i| ((seed * 7919 + i * 104_729 + 13) % vocab) as u32)
-        .collect();
-    let mut r = GenerateRequest::greedy(prompt, max_tokens as u32);
-    r.ignore_eos = true;
-    r
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
