@@ -47,7 +47,7 @@ pub struct ProfilePoints {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
-    #[error("reading the profile {path}: {source}")]
+    #[error("reading the profile {}", path.display())]
     Io {
         path: PathBuf,
         #[source]
