@@ -18,7 +18,7 @@
 //! which is sequence migration, a separate feature.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -99,6 +99,9 @@ struct Inner {
     failed_midstream: AtomicU64,
     instance_failures: AtomicU64,
     resyncs: AtomicU64,
+    /// Set by [`Router::shutdown_all`]: instances stopping now are not failures, and
+    /// their requests are not re-routed.
+    stopping: AtomicBool,
 }
 
 /// A cheap `Clone` handle to the router; the background tasks stop when the last handle
@@ -132,6 +135,7 @@ impl Router {
             failed_midstream: AtomicU64::new(0),
             instance_failures: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
         });
         for (info, client) in initial {
             inner.add_instance(info, client);
@@ -280,6 +284,7 @@ impl Router {
 
     /// Stops every instance, for server shutdown.
     pub async fn shutdown_all(&self) {
+        self.inner.stopping.store(true, Ordering::Release);
         for i in self.inner.snapshot().iter() {
             let client = Arc::clone(&i.client);
             let _ = tokio::task::spawn_blocking(move || client.shutdown()).await;
@@ -341,6 +346,9 @@ impl Inner {
 
     /// Takes a failed instance out of routing now and out of discovery.
     fn fail(&self, id: InstanceId) {
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
         if self.snapshot().iter().any(|i| i.info.id == id) {
             self.instance_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(instance = id, "instance failed; removing it from routing");
@@ -502,7 +510,8 @@ fn routed_stream(
             }
             // The instance went away under this request.
             st.guard = None;
-            let Some(router) = st.router.upgrade() else {
+            let router = st.router.upgrade();
+            let Some(router) = router.filter(|r| !r.stopping.load(Ordering::Acquire)) else {
                 st.done = true;
                 return Some((abort_event(st.prompt_tokens), st));
             };

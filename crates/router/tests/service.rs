@@ -256,3 +256,23 @@ async fn an_instance_with_another_block_size_is_not_routed_to() {
             .unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_every_instance_is_not_counted_as_failures() {
+    let c = cluster(2, RouterMode::Kv);
+    wait_for("instances", || c.router.num_instances() == 2).await;
+    c.router.shutdown_all().await;
+    // Several health-check rounds (every 20 ms here) see the stopped instances.
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let stats = c.router.stats();
+    assert_eq!(stats.instance_failures, 0, "{stats:?}");
+    assert_eq!(c.router.num_instances(), 2);
+    // New work is refused, not hung.
+    let err = c
+        .router
+        .submit_many(vec![GenerateRequest::greedy(prompt(1, 8), 2)])
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("no engine instance"), "{err}");
+}
