@@ -57,6 +57,13 @@ pub struct ServeArgs {
     /// Compute threads (default: all cores).
     #[arg(long, env = "SWITCHYARD_THREADS")]
     threads: Option<usize>,
+    /// Async worker threads for HTTP, tokenization, routing and streaming (default: one
+    /// per core beyond the first, between 1 and 8). Engine loops have threads of their own;
+    /// on a small machine more workers than free cores only add wake-ups and context
+    /// switches to every streamed token.
+    #[arg(long, env = "SWITCHYARD_HTTP_THREADS",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    http_threads: Option<u16>,
     /// Largest request body, in bytes; larger ones get 413.
     #[arg(long, env = "SWITCHYARD_MAX_BODY_BYTES", default_value_t = frontend::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
@@ -145,7 +152,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         // A missing driver or library fails here, in one line, before the port is bound.
         engine::backend::cuda::probe_libraries()?;
     }
+    let http_threads = args.http_threads.map_or_else(default_http_threads, usize::from);
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(http_threads)
         .enable_all()
         .thread_name("switchyard-http")
         .build()
@@ -154,6 +163,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // Connections still open after the drain bound must not hold the process.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// One async worker per core beyond the first (which an engine loop keeps busy), 1 to 8.
+fn default_http_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    cores.saturating_sub(1).clamp(1, 8)
 }
 
 fn init_logging() {

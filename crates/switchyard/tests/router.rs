@@ -86,7 +86,7 @@ fn an_instance_that_stops_mid_load_is_forgotten_and_nothing_hangs() {
         .map(|i| {
             let addr = srv.addr.clone();
             std::thread::spawn(move || {
-                let body = json!({"prompt": format!("request number {i}"), "max_tokens": 48,
+                let body = json!({"prompt": format!("request number {i}"), "max_tokens": 400,
                     "ignore_eos": true, "stream": true});
                 let start = Instant::now();
                 let events = EventStream::open(&addr, "/v1/completions", &body).collect();
@@ -94,9 +94,19 @@ fn an_instance_that_stops_mid_load_is_forgotten_and_nothing_hangs() {
             })
         })
         .collect();
-    // Stop instance 1 once every instance is busy.
+    // Stop instance 1 while it is running sequences (long enough ones that they are
+    // still running when the stop arrives).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while srv.stats()["running"].as_u64().unwrap() < 3 {
+    let running_on_1 = || {
+        srv.get("/admin/instances").json()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["info"]["id"] == 1)
+            .and_then(|i| i["engine"]["running"].as_u64())
+            .unwrap_or(0)
+    };
+    while running_on_1() == 0 {
         assert!(Instant::now() < deadline, "the load never started");
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -1,5 +1,7 @@
 //! Streaming text out of generated tokens. [`IncrementalDetokenizer`] turns token ids, fed
-//! one at a time, into text increments using the prefix-offset / read-offset technique of
+//! one at a time, into text increments. For byte-level tokenizers (see [`TokenBytes`]) it
+//! appends each token's bytes and emits the complete UTF-8 characters, holding back an
+//! incomplete one. For other tokenizers it uses the prefix-offset / read-offset technique of
 //! TGI and vLLM: decode a small window twice (with and without the newest tokens) and emit
 //! the difference, holding back while the window ends in an incomplete UTF-8 character
 //! (shown by decoders as U+FFFD). [`StopMatcher`] then cuts the stream at stop strings,
@@ -7,6 +9,7 @@
 
 use std::sync::Arc;
 
+use crate::token_bytes::TokenBytes;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// Prompt tokens kept as left context so decoders that depend on it (leading-space rules)
@@ -19,11 +22,21 @@ const COMPACT_AFTER: usize = 1024;
 /// Anything that turns ids into text.
 pub trait Decode {
     fn decode_ids(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError>;
+
+    /// Per-token bytes when decoding is their plain concatenation (then
+    /// `decode_ids(ids)` is the lossy UTF-8 of the bytes of `ids` back to back).
+    fn token_bytes(&self) -> Option<&TokenBytes> {
+        None
+    }
 }
 
 impl Decode for Tokenizer {
     fn decode_ids(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
         self.decode(ids, skip_special_tokens)
+    }
+
+    fn token_bytes(&self) -> Option<&TokenBytes> {
+        Tokenizer::token_bytes(self)
     }
 }
 
@@ -31,11 +44,19 @@ impl<D: Decode + ?Sized> Decode for &D {
     fn decode_ids(&self, ids: &[u32], skip: bool) -> Result<String, TokenizerError> {
         (**self).decode_ids(ids, skip)
     }
+
+    fn token_bytes(&self) -> Option<&TokenBytes> {
+        (**self).token_bytes()
+    }
 }
 
 impl<D: Decode + ?Sized> Decode for Arc<D> {
     fn decode_ids(&self, ids: &[u32], skip: bool) -> Result<String, TokenizerError> {
         (**self).decode_ids(ids, skip)
+    }
+
+    fn token_bytes(&self) -> Option<&TokenBytes> {
+        (**self).token_bytes()
     }
 }
 
@@ -44,7 +65,11 @@ impl<D: Decode + ?Sized> Decode for Arc<D> {
 pub struct IncrementalDetokenizer<D> {
     decoder: D,
     skip_special_tokens: bool,
-    /// Window of ids; everything before `prefix_offset` has been dropped or is irrelevant.
+    /// Byte mode (the decoder has [`TokenBytes`]): bytes not emitted yet, at most the
+    /// start of one UTF-8 character between calls.
+    pending: Vec<u8>,
+    /// Window mode: the ids; everything before `prefix_offset` has been dropped or is
+    /// irrelevant.
     ids: Vec<u32>,
     /// Start of the decoding window.
     prefix_offset: usize,
@@ -61,10 +86,15 @@ impl<D: Decode> IncrementalDetokenizer<D> {
 
     /// Starts after `prompt`, using its last few tokens as context (they are not emitted).
     pub fn with_prompt(decoder: D, prompt: &[u32], skip_special_tokens: bool) -> Self {
-        let context = &prompt[prompt.len().saturating_sub(PROMPT_CONTEXT)..];
+        // Byte-level decoding needs no left context.
+        let context = match decoder.token_bytes() {
+            Some(_) => &[],
+            None => &prompt[prompt.len().saturating_sub(PROMPT_CONTEXT)..],
+        };
         IncrementalDetokenizer {
             decoder,
             skip_special_tokens,
+            pending: Vec::new(),
             ids: context.to_vec(),
             prefix_offset: 0,
             read_offset: context.len(),
@@ -74,13 +104,63 @@ impl<D: Decode> IncrementalDetokenizer<D> {
 
     /// Adds one token; returns the text it completes (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
+        if let Some(table) = self.decoder.token_bytes() {
+            self.pending
+                .extend_from_slice(table.get(id, self.skip_special_tokens));
+            return Ok(self.emit_bytes(false));
+        }
         self.ids.push(id);
         self.emit(false)
     }
 
     /// Flushes whatever is held back (an incomplete character comes out as U+FFFD).
     pub fn finish(&mut self) -> Result<String, TokenizerError> {
+        if self.decoder.token_bytes().is_some() {
+            return Ok(self.emit_bytes(true));
+        }
         self.emit(true)
+    }
+
+    /// The complete characters of `pending`, as `String::from_utf8_lossy` would render
+    /// them (one U+FFFD per invalid sequence); an incomplete character at the end is kept
+    /// for the next token unless `force`.
+    fn emit_bytes(&mut self, force: bool) -> String {
+        let mut out = String::new();
+        let mut rest = self.pending.as_slice();
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(s) => {
+                    out.push_str(s);
+                    rest = &[];
+                    break;
+                }
+                Err(e) => {
+                    let (valid, tail) = rest.split_at(e.valid_up_to());
+                    // `valid_up_to` marks the end of a valid prefix.
+                    out.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                    match e.error_len() {
+                        Some(bad) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            rest = &tail[bad..];
+                        }
+                        None if force => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            rest = &[];
+                            break;
+                        }
+                        None => {
+                            rest = tail;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let keep = rest.len();
+        let len = self.pending.len();
+        self.pending.copy_within(len - keep.., 0);
+        self.pending.truncate(keep);
+        out
     }
 
     fn emit(&mut self, force: bool) -> Result<String, TokenizerError> {

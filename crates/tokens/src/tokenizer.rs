@@ -4,8 +4,11 @@
 //! `generation_config.json`. Mirrors what `AutoTokenizer` reads, so ids match transformers.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::Value;
+
+use crate::token_bytes::TokenBytes;
 
 /// What can go wrong loading or running a tokenizer.
 #[derive(Debug, thiserror::Error)]
@@ -41,12 +44,15 @@ pub struct Tokenizer {
     bos_token_id: Option<u32>,
     eos_token_ids: Vec<u32>,
     chat_template: Option<String>,
+    /// Per-token bytes, when decoding is a plain byte concatenation (byte-level BPE).
+    token_bytes: Option<Arc<TokenBytes>>,
 }
 
 impl From<tokenizers::Tokenizer> for Tokenizer {
     /// A bare tokenizer with no special-token metadata and no chat template.
     fn from(inner: tokenizers::Tokenizer) -> Self {
         Tokenizer {
+            token_bytes: TokenBytes::build(&inner).map(Arc::new),
             inner,
             bos_token: None,
             eos_token: None,
@@ -181,6 +187,12 @@ impl Tokenizer {
             .as_deref()
             .ok_or(crate::ChatTemplateError::Missing)?;
         crate::ChatTemplate::new(source, self.bos_token.clone(), self.eos_token.clone())
+    }
+
+    /// Each token's bytes, for tokenizers whose decoding is context-free (byte-level BPE);
+    /// `None` for the others (SentencePiece-style decoders that strip or merge).
+    pub fn token_bytes(&self) -> Option<&TokenBytes> {
+        self.token_bytes.as_deref()
     }
 
     /// The underlying `tokenizers` tokenizer, for what this wrapper does not expose.
