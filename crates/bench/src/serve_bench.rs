@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
+use engine::core::StepTimes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -202,6 +203,33 @@ pub struct ServeBenchReport {
     /// This load generator's own CPU seconds (it shares the machine with the server).
     pub client_cpu_s: f64,
     pub server_cpu: Option<ServerCpu>,
+    /// The engines' own step durations over the run (from `/admin/stats`), to compare
+    /// with the inter-token latency the client saw: what the serving path adds on top.
+    pub engine_step_ms: Option<StepTimeSummary>,
+}
+
+/// Quantiles of engine step time, read from the engines' histograms (each value is the
+/// upper edge of its bucket, at most 9% above the true value).
+#[derive(Clone, Debug, Serialize)]
+pub struct StepTimeSummary {
+    pub steps: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl StepTimeSummary {
+    fn of(h: &StepTimes) -> Option<Self> {
+        let ms = |q: f64| h.quantile(q).map(|d| d.as_secs_f64() * 1e3);
+        Some(StepTimeSummary {
+            steps: h.count(),
+            p50: ms(0.5)?,
+            p90: ms(0.9)?,
+            p99: ms(0.99)?,
+            max: ms(1.0)?,
+        })
+    }
 }
 
 pub fn run(opts: &ServeBenchOptions) -> Result<ServeBenchReport> {
@@ -603,7 +631,7 @@ async fn run_load(
     let sessions = Arc::new(sessions);
     let bodies = Arc::new(bodies(items, opts.endpoint, &model));
 
-    let steps_before = engine_steps(&addr).await;
+    let engine_before = engine_stats(&addr).await;
     let cpu_before = pid.map(thread_cpu);
     let client_before = self_cpu_s();
     let start = Instant::now();
@@ -657,7 +685,11 @@ async fn run_load(
     let duration = start.elapsed().as_secs_f64();
     let client_cpu_s = self_cpu_s() - client_before;
     let cpu_after = pid.map(thread_cpu);
-    let steps_after = engine_steps(&addr).await;
+    let engine_after = engine_stats(&addr).await;
+    let engine_window = match (&engine_before, &engine_after) {
+        (Some(b), Some(a)) => Some((a.0.saturating_sub(b.0), a.1.since(&b.1))),
+        _ => None,
+    };
 
     let records = std::mem::take(&mut *runner.results.lock().expect("results lock"));
     let mut errors = BTreeMap::new();
@@ -673,10 +705,7 @@ async fn run_load(
     let total_output: u64 = ok.iter().map(|o| o.output_tokens).sum();
     let server_cpu = match (pid, cpu_before, cpu_after) {
         (Some(pid), Some(Ok(b)), Some(Ok(a))) => {
-            let steps = match (steps_before, steps_after) {
-                (Some(b), Some(a)) => a.saturating_sub(b),
-                _ => 0,
-            };
+            let steps = engine_window.as_ref().map_or(0, |w| w.0);
             Some(cpu_split(
                 pid,
                 &b,
@@ -736,6 +765,7 @@ async fn run_load(
         },
         client_cpu_s,
         server_cpu,
+        engine_step_ms: engine_window.and_then(|w| StepTimeSummary::of(&w.1)),
     })
 }
 
@@ -783,9 +813,13 @@ async fn send(pool: &Pool, path: &str, body: Bytes, timeout: Duration) -> Result
         .unwrap_or(Err(Failure::Timeout))
 }
 
-/// Engine steps so far, from `/admin/stats` (None if the server has no such route).
-async fn engine_steps(addr: &Addr) -> Option<u64> {
-    get_json(addr, "/admin/stats").await.ok()?["steps"].as_u64()
+/// Engine steps so far and their durations, from `/admin/stats` (None if the server has
+/// no such route).
+async fn engine_stats(addr: &Addr) -> Option<(u64, StepTimes)> {
+    let mut stats = get_json(addr, "/admin/stats").await.ok()?;
+    let steps = stats["steps"].as_u64()?;
+    let times = serde_json::from_value(stats["step_time_us"].take()).unwrap_or_default();
+    Some((steps, times))
 }
 
 /// A thread's role, from its name (Linux keeps the first 15 bytes).
@@ -1093,6 +1127,12 @@ pub fn print_table(r: &ServeBenchReport) {
         println!(
             "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
             d.mean, d.p50, d.p90, d.p99, d.max
+        );
+    }
+    if let Some(st) = &r.engine_step_ms {
+        println!(
+            "| engine step (server side, {} steps) | | {:.2} | {:.2} | {:.2} | {:.2} |",
+            st.steps, st.p50, st.p90, st.p99, st.max
         );
     }
     let g = &r.goodput;

@@ -311,6 +311,9 @@ struct AdminStats {
     prefix_hit_tokens: u64,
     preemptions: u64,
     steps: u64,
+    /// Step durations of every instance, as `[[upper_us, steps], ...]` (see
+    /// `engine::core::StepTimes`).
+    step_time_us: engine::core::StepTimes,
     router: router::RouterStats,
 }
 
@@ -330,6 +333,7 @@ async fn admin_stats(State(app): State<AppState>) -> Result<Response, ApiError> 
         prefix_hit_tokens: s.prefix_hit_tokens,
         preemptions: s.preemptions,
         steps: s.steps,
+        step_time_us: s.step_times,
         router: r.stats(),
     })
     .into_response())

@@ -212,6 +212,7 @@ impl Router {
             sum.prefix_hit_tokens += s.prefix_hit_tokens;
             sum.preemptions += s.preemptions;
             sum.steps += s.steps;
+            sum.step_times.merge(&s.step_times);
         }
         sum.kv_usage = answered.iter().map(|s| s.kv_usage).sum::<f32>() / answered.len() as f32;
         Some(sum)

@@ -152,7 +152,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         // A missing driver or library fails here, in one line, before the port is bound.
         engine::backend::cuda::probe_libraries()?;
     }
-    let http_threads = args.http_threads.map_or_else(default_http_threads, usize::from);
+    let http_threads = args
+        .http_threads
+        .map_or_else(default_http_threads, usize::from);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(http_threads)
         .enable_all()

@@ -63,6 +63,12 @@ fn closed_loop_completions_report_exact_counts() {
     assert!(r["e2e_ms"]["p99"].as_f64().unwrap() >= r["ttft_ms"]["p99"].as_f64().unwrap());
     let cpu = &r["server_cpu"];
     assert!(cpu["engine_steps"].as_u64().unwrap() >= 16, "{r}");
+    // The engine's step-time histogram covers the same steps.
+    let st = &r["engine_step_ms"];
+    assert_eq!(st["steps"], cpu["engine_steps"], "{r}");
+    let q = |k: &str| st[k].as_f64().unwrap();
+    assert!(q("p50") > 0.0 && q("p50") <= q("p99") && q("p99") <= q("max"), "{r}");
+    assert!(q("max") < r["e2e_ms"]["max"].as_f64().unwrap(), "{r}");
     let roles: Vec<&str> = cpu["threads"]
         .as_array()
         .unwrap()

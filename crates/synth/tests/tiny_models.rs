@@ -248,7 +248,10 @@ fn streamed_text_is_the_decoded_text() {
         let window = stream(IncrementalDetokenizer::new(WindowOnly(&tok), true), &ids);
         assert_eq!(fast.concat(), text, "{arch}");
         assert_eq!(window.concat(), text, "{arch}");
-        assert!(fast.iter().all(|p| !p.contains('\u{FFFD}')), "{arch}: {fast:?}");
+        assert!(
+            fast.iter().all(|p| !p.contains('\u{FFFD}')),
+            "{arch}: {fast:?}"
+        );
 
         // Random ids, specials and incomplete characters included: the streamed text is
         // what decoding them all at once gives, with and without special tokens.

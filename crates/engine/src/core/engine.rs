@@ -9,6 +9,7 @@ use super::request::{FinishReason, GenerateRequest, RequestId, SubmitError, Toke
 use super::sampler::Sampled;
 use super::scheduler::{Scheduler, SchedulerConfig};
 use super::sequence::Sequence;
+use super::step_times::StepTimes;
 use crate::backend::{ForwardBatch, RowSampling, SeqSlice};
 
 /// Runs forward steps: the only thing the core needs from a model and a device.
@@ -61,6 +62,8 @@ pub struct EngineStats {
     pub prefix_hit_tokens: u64,
     pub preemptions: u64,
     pub steps: u64,
+    /// How long the steps took (scheduling, forward pass, sampling).
+    pub step_times: StepTimes,
 }
 
 pub struct LlmEngine<E: Executor> {
@@ -68,6 +71,7 @@ pub struct LlmEngine<E: Executor> {
     exec: E,
     sched: Scheduler,
     steps: u64,
+    step_times: StepTimes,
     logits_scratch: Vec<f32>,
 }
 
@@ -78,6 +82,7 @@ impl<E: Executor> LlmEngine<E> {
             cfg,
             exec,
             steps: 0,
+            step_times: StepTimes::default(),
             logits_scratch: Vec::new(),
         }
     }
@@ -155,11 +160,13 @@ impl<E: Executor> LlmEngine<E> {
             prefix_hit_tokens: self.sched.prefix_hit_tokens,
             preemptions: self.sched.num_preemptions,
             steps: self.steps,
+            step_times: self.step_times.clone(),
         }
     }
 
     /// Runs one step and returns the events it produced, in sequence order.
     pub fn step(&mut self) -> Vec<(RequestId, TokenEvent)> {
+        let start = std::time::Instant::now();
         let mut events = Vec::new();
         let (scheduled, unfit) = self.sched.schedule();
         for seq in unfit {
@@ -292,6 +299,7 @@ impl<E: Executor> LlmEngine<E> {
         for id in finished {
             self.sched.remove(id);
         }
+        self.step_times.record(start.elapsed());
         events
     }
 }
