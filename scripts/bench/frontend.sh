@@ -40,16 +40,18 @@ python3 - "$OUT" $CONCURRENCY <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 print("| concurrency | run | load avg | frontend µs / token | engine step ms p50 / p90 / p99 "
-      "| inter-token ms p50 / p90 / p99 | output tok/s |")
-print("|---:|---:|---:|---:|---|---|---:|")
+      "| inter-token ms p50 / p90 / p99 | token wait engine→HTTP ms p50 / p99 / p99.9 | output tok/s |")
+print("|---:|---:|---:|---:|---|---|---|---:|")
 for c in sys.argv[2:]:
     for f in sorted(out.glob(f"c{c}-r*.json")):
         r = json.loads(f.read_text())
         load = f.with_suffix(".load").read_text().strip()
         cpu, st, itl = r["server_cpu"], r["engine_step_ms"], r["itl_ms"]
+        d = r["token_delivery_ms"]
         print(f"| {c} | {f.stem.split('-r')[1]} | {load} | "
               f"{cpu['frontend_us_per_output_token']:.1f} | "
               f"{st['p50']:.2f} / {st['p90']:.2f} / {st['p99']:.2f} | "
               f"{itl['p50']:.2f} / {itl['p90']:.2f} / {itl['p99']:.2f} | "
+              f"≤ {d['p50']:g} / ≤ {d['p99']:g} / ≤ {d['p999']:g} | "
               f"{r['output_tokens_per_s']:.0f} |")
 PY

@@ -206,6 +206,21 @@ pub struct ServeBenchReport {
     /// The engines' own step durations over the run (from `/admin/stats`), to compare
     /// with the inter-token latency the client saw: what the serving path adds on top.
     pub engine_step_ms: Option<StepTimeSummary>,
+    /// Server side: how long each token waited between the engine loop and the frontend.
+    pub token_delivery_ms: Option<DeliverySummary>,
+}
+
+/// How long tokens waited between the engine loop and the HTTP response (the frontend's
+/// `switchyard_token_delivery_seconds`), in ms. Each value is the upper edge of a
+/// Prometheus bucket (10 µs, 25 µs, 50 µs, 100 µs, 250 µs, ... 1 s), so read them as
+/// "at most".
+#[derive(Clone, Debug, Serialize)]
+pub struct DeliverySummary {
+    pub tokens: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
 }
 
 /// Quantiles of engine step time, read from the engines' histograms (each value is the
@@ -366,6 +381,11 @@ impl Pool {
 
 /// Simple JSON GET, for `/v1/models` and `/admin/stats`.
 async fn get_json(addr: &Addr, path: &str) -> Result<Value> {
+    let body = get_body(addr, path).await?;
+    serde_json::from_slice(&body).with_context(|| format!("GET {path}: not JSON"))
+}
+
+async fn get_body(addr: &Addr, path: &str) -> Result<Bytes> {
     let mut c = Conn::open(addr)
         .await
         .map_err(|_| anyhow::anyhow!("cannot connect to {}", addr.authority))?;
@@ -382,7 +402,60 @@ async fn get_json(addr: &Addr, path: &str) -> Result<Value> {
             String::from_utf8_lossy(&body).trim()
         );
     }
-    serde_json::from_slice(&body).with_context(|| format!("GET {path}: not JSON"))
+    Ok(body)
+}
+
+const DELIVERY_METRIC: &str = "switchyard_token_delivery_seconds_bucket";
+
+/// The token-delivery histogram of `/metrics` as (upper edge in seconds, cumulative
+/// count) pairs, `+Inf` last; `None` if the server has no such metric.
+async fn token_delivery(addr: &Addr) -> Option<Vec<(f64, u64)>> {
+    let body = get_body(addr, "/metrics").await.ok()?;
+    let text = String::from_utf8_lossy(&body);
+    let buckets: Vec<(f64, u64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(DELIVERY_METRIC))
+        .filter_map(|l| {
+            let (labels, count) = l.rsplit_once(' ')?;
+            let le = labels.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    (!buckets.is_empty()).then_some(buckets)
+}
+
+/// Quantiles of the tokens observed between two scrapes of the same cumulative histogram.
+fn delivery_summary(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<DeliverySummary> {
+    let window: Vec<(f64, u64)> = after
+        .iter()
+        .map(|&(le, a)| {
+            let b = before.iter().find(|(l, _)| *l == le).map_or(0, |x| x.1);
+            (le, a.saturating_sub(b))
+        })
+        .collect();
+    let total = window.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let q = |q: f64| {
+        let rank = ((q * total as f64).ceil() as u64).max(1);
+        window
+            .iter()
+            .find(|(_, c)| *c >= rank)
+            .map_or(f64::INFINITY, |(le, _)| le * 1e3)
+    };
+    Some(DeliverySummary {
+        tokens: total,
+        p50: q(0.5),
+        p90: q(0.9),
+        p99: q(0.99),
+        p999: q(0.999),
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -632,6 +705,7 @@ async fn run_load(
     let bodies = Arc::new(bodies(items, opts.endpoint, &model));
 
     let engine_before = engine_stats(&addr).await;
+    let delivery_before = token_delivery(&addr).await;
     let cpu_before = pid.map(thread_cpu);
     let client_before = self_cpu_s();
     let start = Instant::now();
@@ -686,6 +760,7 @@ async fn run_load(
     let client_cpu_s = self_cpu_s() - client_before;
     let cpu_after = pid.map(thread_cpu);
     let engine_after = engine_stats(&addr).await;
+    let delivery_after = token_delivery(&addr).await;
     let engine_window = match (&engine_before, &engine_after) {
         (Some(b), Some(a)) => Some((a.0.saturating_sub(b.0), a.1.since(&b.1))),
         _ => None,
@@ -766,6 +841,10 @@ async fn run_load(
         client_cpu_s,
         server_cpu,
         engine_step_ms: engine_window.and_then(|w| StepTimeSummary::of(&w.1)),
+        token_delivery_ms: match (&delivery_before, &delivery_after) {
+            (Some(b), Some(a)) => delivery_summary(b, a),
+            _ => None,
+        },
     })
 }
 
@@ -1133,6 +1212,12 @@ pub fn print_table(r: &ServeBenchReport) {
         println!(
             "| engine step (server side, {} steps) | | {:.2} | {:.2} | {:.2} | {:.2} |",
             st.steps, st.p50, st.p90, st.p99, st.max
+        );
+    }
+    if let Some(d) = &r.token_delivery_ms {
+        println!(
+            "| token wait, engine → HTTP (server side, {} tokens; p99.9 in the max column) | | ≤ {} | ≤ {} | ≤ {} | ≤ {} |",
+            d.tokens, d.p50, d.p90, d.p99, d.p999
         );
     }
     let g = &r.goodput;

@@ -19,6 +19,7 @@ pub(crate) struct Metrics {
     pub ttft: Histogram,
     pub inter_token: Histogram,
     pub e2e: Histogram,
+    pub token_delivery: Histogram,
     pub prompt_tokens: IntCounter,
     pub cached_prompt_tokens: IntCounter,
     pub generation_tokens: IntCounter,
@@ -38,6 +39,10 @@ const TTFT_BUCKETS: &[f64] = &[
 ];
 const ITL_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+const DELIVERY_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 1.0,
 ];
 const E2E_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -115,6 +120,12 @@ impl Metrics {
                 "switchyard_e2e_request_latency_seconds",
                 "From the request's arrival to its last token (or the client leaving).",
                 E2E_BUCKETS,
+            ),
+            token_delivery: histogram(
+                &r,
+                "switchyard_token_delivery_seconds",
+                "From the engine loop handing a token over to the frontend rendering it for the client: the wait the serving path adds to every token.",
+                DELIVERY_BUCKETS,
             ),
             prompt_tokens: counter(&r, "switchyard_prompt_tokens_total", "Prompt tokens admitted."),
             cached_prompt_tokens: counter(

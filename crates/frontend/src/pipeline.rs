@@ -555,6 +555,11 @@ impl Generation {
         if let Some(token) = ev.token {
             self.completion_tokens += 1;
             self.metrics.generation_tokens.inc();
+            if let Some(sent) = ev.sent_at {
+                self.metrics
+                    .token_delivery
+                    .observe(sent.elapsed().as_secs_f64());
+            }
             self.timer.token(i);
             let piece = match choice.detok.push(token) {
                 Ok(p) => p,

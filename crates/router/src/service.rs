@@ -554,6 +554,7 @@ fn abort_event(prompt_tokens: u32) -> TokenEvent {
         finish_reason: Some(FinishReason::Abort),
         prompt_tokens,
         cached_prompt_tokens: 0,
+        sent_at: None,
     }
 }
 

@@ -58,8 +58,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_THREADS")]
     threads: Option<usize>,
     /// Async worker threads for HTTP, tokenization, routing and streaming (default: one
-    /// per core beyond the first, between 1 and 8). Engine loops have threads of their own;
-    /// on a small machine more workers than free cores only add wake-ups and context
+    /// per 8 cores, 1 to 4). Engine loops have threads of their own. One worker streams
+    /// about 100k tokens/s; more than the load needs only add wake-ups and context
     /// switches to every streamed token.
     #[arg(long, env = "SWITCHYARD_HTTP_THREADS",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -167,10 +167,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     result
 }
 
-/// One async worker per core beyond the first (which an engine loop keeps busy), 1 to 8.
+/// One async worker per 8 cores, 1 to 4. Measured on 2 and 16 cores (docs/benchmarks.md,
+/// Frontend): every extra idle worker adds wake-ups and work stealing to each streamed
+/// token (16 cores: 10 µs per token with 1 worker, 12 with 2, 18 with 8).
 fn default_http_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    cores.saturating_sub(1).clamp(1, 8)
+    (cores / 8).clamp(1, 4)
 }
 
 fn init_logging() {

@@ -67,8 +67,18 @@ fn closed_loop_completions_report_exact_counts() {
     let st = &r["engine_step_ms"];
     assert_eq!(st["steps"], cpu["engine_steps"], "{r}");
     let q = |k: &str| st[k].as_f64().unwrap();
-    assert!(q("p50") > 0.0 && q("p50") <= q("p99") && q("p99") <= q("max"), "{r}");
+    assert!(
+        q("p50") > 0.0 && q("p50") <= q("p99") && q("p99") <= q("max"),
+        "{r}"
+    );
     assert!(q("max") < r["e2e_ms"]["max"].as_f64().unwrap(), "{r}");
+    // Every output token's wait between the engine and the HTTP response was measured.
+    let d = &r["token_delivery_ms"];
+    assert_eq!(d["tokens"], 8 * 16, "{r}");
+    assert!(
+        d["p50"].as_f64().unwrap() <= d["p999"].as_f64().unwrap(),
+        "{r}"
+    );
     let roles: Vec<&str> = cpu["threads"]
         .as_array()
         .unwrap()

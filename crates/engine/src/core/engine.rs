@@ -290,6 +290,7 @@ impl<E: Executor> LlmEngine<E> {
                 finish_reason: finish,
                 prompt_tokens: seq.prompt_len as u32,
                 cached_prompt_tokens: seq.cached_prompt_tokens as u32,
+                sent_at: None,
             };
             events.push((seq.id, ev));
             if finish.is_some() {
@@ -325,6 +326,7 @@ fn final_event(seq: &Sequence, token: Option<u32>, reason: FinishReason) -> Toke
         finish_reason: Some(reason),
         prompt_tokens: seq.prompt_len as u32,
         cached_prompt_tokens: seq.cached_prompt_tokens as u32,
+        sent_at: None,
     }
 }
 

@@ -278,7 +278,10 @@ fn run_loop<E: Executor>(
             engine.abort(id);
             finish(&mut sinks, id);
         }
-        for (id, ev) in engine.step() {
+        let events = engine.step();
+        let sent_at = Some(std::time::Instant::now());
+        for (id, mut ev) in events {
+            ev.sent_at = sent_at;
             let last = ev.finish_reason.is_some();
             if let Some(tx) = sinks.get(&id) {
                 if tx.try_send(ev).is_err() {

@@ -55,6 +55,9 @@ pub struct TokenEvent {
     pub prompt_tokens: u32,
     /// Prompt tokens served from the prefix cache at admission.
     pub cached_prompt_tokens: u32,
+    /// When the engine loop handed the event to the request's channel (this process's
+    /// clock), so the serving path can measure how long a token waited for it.
+    pub sent_at: Option<std::time::Instant>,
 }
 
 /// Why a request was refused before it started. Each maps to an HTTP status upstream.
