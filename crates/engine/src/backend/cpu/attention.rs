@@ -329,16 +329,8 @@ mod avx2 {
                 }
                 let n = (pos[r] - block_start + 1).min(bs);
                 scores::<HV>(q.as_ptr().add(r * hd), kb, n, s.as_mut_ptr());
-                let mut bmax = f32::NEG_INFINITY;
-                for &sj in &s[..n] {
-                    bmax = bmax.max(sj);
-                }
-                let m_new = m[r].max(bmax);
+                let (m_new, sum) = softmax_block(s.as_mut_ptr(), n, m[r]);
                 let correction = simd::exp::<true>(m[r] - m_new);
-                for sj in &mut s[..n] {
-                    *sj = simd::exp::<true>(*sj - m_new);
-                }
-                let sum: f32 = s[..n].iter().sum();
                 l[r] = l[r].mul_add(correction, sum);
                 m[r] = m_new;
                 values::<HV>(s.as_ptr(), n, vb, correction, acc.as_mut_ptr().add(r * hd));
@@ -368,8 +360,12 @@ mod avx2 {
         let hd = 8 * HV;
         let mut j = 0;
         while j < n {
-            // Past the last key, lanes repeat it: in bounds, and never read back.
-            let kp: [*const f32; 8] = std::array::from_fn(|t| k.add((j + t).min(n - 1) * hd));
+            // Past the last key, lanes repeat it: in bounds, and masked off afterwards.
+            let kp: [*const f32; 8] = if j + 8 <= n {
+                std::array::from_fn(|t| k.add((j + t) * hd))
+            } else {
+                std::array::from_fn(|t| k.add((j + t).min(n - 1) * hd))
+            };
             let mut acc = [_mm256_setzero_ps(); 8];
             for v in 0..HV {
                 let qv = _mm256_loadu_ps(q.add(8 * v));
@@ -380,6 +376,90 @@ mod avx2 {
             _mm256_storeu_ps(s.add(j), sum8(acc));
             j += 8;
         }
+    }
+
+    /// One block's step of the online softmax for one row: with `s[..n]` the scores (in
+    /// groups of eight, junk past `n`), returns the new running maximum `max(m, s[..n])`
+    /// and `Σ exp(s[j] - max)`, and leaves `exp(s[j] - max)` in `s[..n]` (zeros past it).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn softmax_block(s: *mut f32, n: usize, m: f32) -> (f32, f32) {
+        let groups = n.div_ceil(8);
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let neg = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut vmax = neg;
+        for g in 0..groups {
+            let p = s.add(8 * g);
+            let mut v = _mm256_loadu_ps(p);
+            let left = n - 8 * g;
+            if left < 8 {
+                let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(left as i32), lanes);
+                v = _mm256_blendv_ps(neg, v, _mm256_castsi256_ps(keep));
+                _mm256_storeu_ps(p, v);
+            }
+            vmax = _mm256_max_ps(vmax, v);
+        }
+        let h = _mm_max_ps(
+            _mm256_castps256_ps128(vmax),
+            _mm256_extractf128_ps::<1>(vmax),
+        );
+        let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        let m_new = m.max(_mm_cvtss_f32(h));
+        let mv = _mm256_set1_ps(m_new);
+        let mut vsum = _mm256_setzero_ps();
+        for g in 0..groups {
+            let p = s.add(8 * g);
+            let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p), mv));
+            _mm256_storeu_ps(p, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        let h = _mm_add_ps(
+            _mm256_castps256_ps128(vsum),
+            _mm256_extractf128_ps::<1>(vsum),
+        );
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        (m_new, _mm_cvtss_f32(h))
+    }
+
+    /// `e^x` lane-wise for `x ≤ 0` (−∞ included, giving 0): the range reduction and
+    /// polynomial of `simd::exp`, without the overflow and NaN handling that positive
+    /// or NaN inputs would need.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_nonpositive(x: __m256) -> __m256 {
+        const LO: f32 = -87.336_55;
+        let xc = _mm256_max_ps(x, _mm256_set1_ps(LO));
+        let n = _mm256_floor_ps(_mm256_fmadd_ps(
+            xc,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let p = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        // n is in [-126, 0] after the clamp, so 2^n is a normal number.
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        let scaled = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+        let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(LO));
+        _mm256_and_ps(scaled, keep)
     }
 
     /// Lane t of the result is the sum of the lanes of `v[t]`.
@@ -446,6 +526,50 @@ mod avx2 {
             // `wrapping_add`: a prefetch of any address is harmless.
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
             off += 64;
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn exp_nonpositive_matches_std() {
+            if !crate::backend::cpu::kernels::has_avx2_fma() {
+                return;
+            }
+            let mut worst = 0f32;
+            let mut x = -100.0f32;
+            while x <= 0.0 {
+                let xs: [f32; 8] = std::array::from_fn(|i| x + i as f32 * 1e-3);
+                let mut got = [0f32; 8];
+                // SAFETY: AVX2 and FMA checked above.
+                unsafe {
+                    _mm256_storeu_ps(
+                        got.as_mut_ptr(),
+                        exp_nonpositive(_mm256_loadu_ps(xs.as_ptr())),
+                    )
+                };
+                for (g, x) in got.iter().zip(xs) {
+                    let want = if x < -87.336_55 { 0.0 } else { x.exp() };
+                    if want > f32::MIN_POSITIVE {
+                        worst = worst.max(((g - want) / want).abs());
+                    } else {
+                        assert!(*g <= f32::MIN_POSITIVE * 2.0, "exp({x}) = {g}");
+                    }
+                }
+                x += 0.0173;
+            }
+            assert!(worst < 4e-7, "relative error {worst}");
+            let mut got = [1f32; 8];
+            // SAFETY: as above.
+            unsafe {
+                _mm256_storeu_ps(
+                    got.as_mut_ptr(),
+                    exp_nonpositive(_mm256_set1_ps(f32::NEG_INFINITY)),
+                )
+            };
+            assert_eq!(got, [0.0; 8]);
         }
     }
 }
