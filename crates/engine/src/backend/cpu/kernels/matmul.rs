@@ -6,9 +6,8 @@
 //!   with DRAM.
 //! - larger `m` (batched decode, prefill): every weight is used by many rows, so FMA
 //!   throughput is the limit; the BLIS-style kernel sweeps blocks of activation rows over
-//!   f32 weight panels that are widened and packed once per matrix, on the first such call
-//!   (kept in the [`Matrix`]). Threads split the panels, and for long inputs the row
-//!   blocks as well.
+//!   weight panels packed once per matrix, on the first such call (kept in the
+//!   [`Matrix`]). Threads split the panels, and for long inputs the row blocks as well.
 //!
 //! The scalar path mirrors the same split and is what runs on CPUs without AVX2/FMA.
 
@@ -154,7 +153,7 @@ mod x86 {
             });
             return;
         }
-        let packed = w.panels.0.get_or_init(|| pack::<W>(data, k, n));
+        let packed = W::unwrap(w.panels.0.get_or_init(|| pack::<W>(data, k, n)));
         // Row blocks of at most GEMM_MC rows, as even as whole tiles allow; the panels of
         // each block are split into enough groups to keep every thread busy.
         let panels = n.div_ceil(NR);
@@ -168,7 +167,7 @@ mod x86 {
             let (m0, m1) = (mb * mc, (mb * mc + mc).min(m));
             let (p0, p1) = (panels * g / groups, panels * (g + 1) / groups);
             unsafe {
-                gemm_packed::<GEMM_MR, GEMM_NV>(
+                gemm_packed::<W, GEMM_MR, GEMM_NV>(
                     packed.as_ptr(),
                     x.as_ptr().add(m0 * k),
                     m1 - m0,
@@ -188,14 +187,13 @@ mod x86 {
         }
     }
 
-    /// The weights as f32 panels of `NR` rows, each `[k][NR]` (the GEMM micro-kernel's
-    /// layout). Runs on the calling thread: this may be called with the pool busy.
-    fn pack<W: Widen>(data: &[W::Raw], k: usize, n: usize) -> Vec<f32> {
-        let panels = n.div_ceil(NR);
-        let mut buf = vec![0f32; panels * NR * k];
-        // SAFETY: AVX2 is present (see `matmul`); `buf` holds `panels` panels of `NR × k`.
-        unsafe { pack_panels::<W, GEMM_NV>(data.as_ptr(), k, n, (0, panels), buf.as_mut_ptr()) };
-        buf
+    /// The weights as panels of `NR` rows, each `[k][NR]` (the GEMM micro-kernel's
+    /// layout), in their own element type. Runs on the calling thread: this may be called
+    /// with the pool busy.
+    fn pack<W: Widen>(data: &[W::Raw], k: usize, n: usize) -> WeightData {
+        let mut buf = vec![W::Raw::default(); n.div_ceil(NR) * NR * k];
+        pack_panels::<W, GEMM_NV>(data, k, n, &mut buf);
+        W::wrap(buf)
     }
 }
 
