@@ -8,9 +8,10 @@
 //!   the kernel must keep up with DRAM: dot products along `k`, a tile of `R` weight rows ×
 //!   `M` activation rows, one horizontal sum per output at the end.
 //! - `gemm_*` for many activation rows, where FMA throughput is the limit: a BLIS-style
-//!   micro-kernel with a `MR × 8·NV` register tile of outputs. Weights are widened and
-//!   transposed once into a small panel (`pack_panel`) that stays in L1 and is reused by
-//!   every activation row; activations are broadcast straight from the row-major input.
+//!   micro-kernel with a `MR × 8·NV` register tile of outputs. Weights are transposed once
+//!   per matrix into panels (`pack_panels`, kept with the matrix, still in their stored
+//!   element type and widened as they are loaded), each swept through L1 by a block of
+//!   activation rows; activations are broadcast straight from the row-major input.
 
 // Register tiles are indexed by (weight row, unroll step, activation row) at once; iterator
 // chains would hide which accumulator each FMA feeds.
@@ -18,14 +19,18 @@
 
 use std::arch::x86_64::*;
 
-use super::matrix::{bf16_to_f32, f16_to_f32};
+use super::matrix::{bf16_to_f32, f16_to_f32, WeightData};
 
 /// How a weight element type widens to f32, 8 lanes at a time.
 pub(super) trait Widen {
-    type Raw: Copy + Sync;
+    type Raw: Copy + Sync + Default;
     /// Loads 8 consecutive elements at `p` as f32.
     unsafe fn load8(p: *const Self::Raw) -> __m256;
     fn scalar(v: Self::Raw) -> f32;
+    /// `WeightData` of this element type holding `v`.
+    fn wrap(v: Vec<Self::Raw>) -> WeightData;
+    /// The elements of `d`, which must be of this type.
+    fn unwrap(d: &WeightData) -> &[Self::Raw];
 }
 
 pub(super) struct F32;
@@ -34,6 +39,15 @@ pub(super) struct F16;
 
 impl Widen for F32 {
     type Raw = f32;
+    fn wrap(v: Vec<f32>) -> WeightData {
+        WeightData::F32(v)
+    }
+    fn unwrap(d: &WeightData) -> &[f32] {
+        match d {
+            WeightData::F32(v) => v,
+            _ => unreachable!("panels of another dtype"),
+        }
+    }
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(p: *const f32) -> __m256 {
@@ -47,6 +61,15 @@ impl Widen for F32 {
 
 impl Widen for Bf16 {
     type Raw = u16;
+    fn wrap(v: Vec<u16>) -> WeightData {
+        WeightData::Bf16(v)
+    }
+    fn unwrap(d: &WeightData) -> &[u16] {
+        match d {
+            WeightData::Bf16(v) => v,
+            _ => unreachable!("panels of another dtype"),
+        }
+    }
     /// bf16 is the high half of an f32: zero-extend to 32 bits, shift left by 16.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -62,6 +85,15 @@ impl Widen for Bf16 {
 
 impl Widen for F16 {
     type Raw = u16;
+    fn wrap(v: Vec<u16>) -> WeightData {
+        WeightData::F16(v)
+    }
+    fn unwrap(d: &WeightData) -> &[u16] {
+        match d {
+            WeightData::F16(v) => v,
+            _ => unreachable!("panels of another dtype"),
+        }
+    }
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(p: *const u16) -> __m256 {
@@ -293,94 +325,29 @@ pub(super) unsafe fn gemv_rows<W: Widen>(
 // GEMM: many activation rows, compute-bound
 // ---------------------------------------------------------------------------------------
 
+/// The register tile's multiply-adds. While it runs, the first `pf_lines` k steps each
+/// prefetch one cache line from `pf` onwards (the panel that comes next), so the fetch is
+/// spread over the compute instead of stalling on a burst of misses.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
-    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-    [
-        _mm256_permute2f128_ps::<0x20>(s0, s4),
-        _mm256_permute2f128_ps::<0x20>(s1, s5),
-        _mm256_permute2f128_ps::<0x20>(s2, s6),
-        _mm256_permute2f128_ps::<0x20>(s3, s7),
-        _mm256_permute2f128_ps::<0x31>(s0, s4),
-        _mm256_permute2f128_ps::<0x31>(s1, s5),
-        _mm256_permute2f128_ps::<0x31>(s2, s6),
-        _mm256_permute2f128_ps::<0x31>(s3, s7),
-    ]
-}
-
-/// Widens and transposes weight rows `0..rows` (`rows ≤ 8·NV`, row stride `k`), columns
-/// `pc..pc + kc`, into `dst[p * 8·NV + j]`; rows past `rows` become zeros so the
-/// micro-kernel never needs an edge case along `n`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn pack_panel<W: Widen, const NV: usize>(
-    w: *const W::Raw,
-    k: usize,
-    rows: usize,
-    pc: usize,
-    kc: usize,
-    dst: *mut f32,
-) {
-    let nr = 8 * NV;
-    let kc8 = kc & !7;
-    for g in 0..NV {
-        let j0 = 8 * g;
-        let mut p = 0;
-        while p < kc8 {
-            let mut v = [_mm256_setzero_ps(); 8];
-            for (j, v) in v.iter_mut().enumerate() {
-                if j0 + j < rows {
-                    *v = W::load8(w.add((j0 + j) * k + pc + p));
-                }
-            }
-            let t = transpose8(v);
-            for (q, t) in t.iter().enumerate() {
-                _mm256_storeu_ps(dst.add((p + q) * nr + j0), *t);
-            }
-            p += 8;
-        }
-        for p in kc8..kc {
-            for j in 0..8 {
-                let v = if j0 + j < rows {
-                    W::scalar(*w.add((j0 + j) * k + pc + p))
-                } else {
-                    0.0
-                };
-                *dst.add(p * nr + j0 + j) = v;
-            }
-        }
-    }
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn accumulate<const MR: usize, const NV: usize>(
+unsafe fn accumulate<W: Widen, const MR: usize, const NV: usize>(
     kc: usize,
     a: *const f32,
     lda: usize,
-    b: *const f32,
+    b: *const W::Raw,
+    pf: *const u8,
+    pf_lines: usize,
 ) -> [[__m256; NV]; MR] {
     let nr = 8 * NV;
     let mut acc = [[_mm256_setzero_ps(); NV]; MR];
     for p in 0..kc {
+        if p < pf_lines {
+            // `wrapping_add`: a prefetch of any address is harmless.
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * p).cast());
+        }
         let mut bv = [_mm256_setzero_ps(); NV];
         for (v, bv) in bv.iter_mut().enumerate() {
-            *bv = _mm256_loadu_ps(b.add(p * nr + 8 * v));
+            *bv = W::load8(b.add(p * nr + 8 * v));
         }
         for (i, acc) in acc.iter_mut().enumerate() {
             let av = _mm256_broadcast_ss(&*a.add(i * lda + p));
@@ -395,22 +362,24 @@ unsafe fn accumulate<const MR: usize, const NV: usize>(
 /// `C[MR × cols] (+)= A[MR × kc] · B[kc × 8·NV]` where `A` is row-major with stride `lda`,
 /// `B` is a packed panel, and only the first `cols` columns of the tile are stored. With
 /// `first`, `C` is overwritten (plus `bias` when non-null) instead of accumulated into.
+/// `pf`, `pf_lines`: see `accumulate`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_micro<const MR: usize, const NV: usize>(
+pub(super) unsafe fn gemm_micro<W: Widen, const MR: usize, const NV: usize>(
     kc: usize,
     a: *const f32,
     lda: usize,
-    b: *const f32,
+    b: *const W::Raw,
     c: *mut f32,
     ldc: usize,
     cols: usize,
     first: bool,
     bias: *const f32,
+    (pf, pf_lines): (*const u8, usize),
 ) {
     let nr = 8 * NV;
-    let acc = accumulate::<MR, NV>(kc, a, lda, b);
+    let acc = accumulate::<W, MR, NV>(kc, a, lda, b, pf, pf_lines);
     if cols == nr {
         for (i, acc) in acc.iter().enumerate() {
             for (v, &acc) in acc.iter().enumerate() {
@@ -452,26 +421,27 @@ pub(super) unsafe fn gemm_micro<const MR: usize, const NV: usize>(
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_micro_tail<const NV: usize>(
+unsafe fn gemm_micro_tail<W: Widen, const NV: usize>(
     rows: usize,
     kc: usize,
     a: *const f32,
     lda: usize,
-    b: *const f32,
+    b: *const W::Raw,
     c: *mut f32,
     ldc: usize,
     cols: usize,
     first: bool,
     bias: *const f32,
+    pf: (*const u8, usize),
 ) {
     match rows {
-        1 => gemm_micro::<1, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
-        2 => gemm_micro::<2, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
-        3 => gemm_micro::<3, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
-        4 => gemm_micro::<4, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
-        5 => gemm_micro::<5, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
-        6 => gemm_micro::<6, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
-        7 => gemm_micro::<7, NV>(kc, a, lda, b, c, ldc, cols, first, bias),
+        1 => gemm_micro::<W, 1, NV>(kc, a, lda, b, c, ldc, cols, first, bias, pf),
+        2 => gemm_micro::<W, 2, NV>(kc, a, lda, b, c, ldc, cols, first, bias, pf),
+        3 => gemm_micro::<W, 3, NV>(kc, a, lda, b, c, ldc, cols, first, bias, pf),
+        4 => gemm_micro::<W, 4, NV>(kc, a, lda, b, c, ldc, cols, first, bias, pf),
+        5 => gemm_micro::<W, 5, NV>(kc, a, lda, b, c, ldc, cols, first, bias, pf),
+        6 => gemm_micro::<W, 6, NV>(kc, a, lda, b, c, ldc, cols, first, bias, pf),
+        7 => gemm_micro::<W, 7, NV>(kc, a, lda, b, c, ldc, cols, first, bias, pf),
         _ => unreachable!("tail of {rows} rows"),
     }
 }
@@ -502,10 +472,6 @@ impl<W: Widen> Prefetcher<W> {
         }
     }
 
-    fn lines(&self) -> usize {
-        self.rows * self.row_bytes.div_ceil(64)
-    }
-
     /// Issues up to `count` more prefetches.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -528,20 +494,39 @@ impl<W: Widen> Prefetcher<W> {
     }
 }
 
-/// Largest `kc` block; the packed panel (`kc × 8·NV` floats) lives on the stack.
-pub(super) const KC_MAX: usize = 512;
+/// Packs weight rows of panels `p0..p1` (each `8·NV` rows of `w`, row stride `k`, `n` rows
+/// in all) into `dst`, panel `p` at `dst[p · k · 8·NV ..]` as `[k][8·NV]`: the layout
+/// `gemm_packed` reads, in the weights' own element type, rows past `n` zero-filled.
+pub(super) fn pack_panels<W: Widen, const NV: usize>(
+    w: &[W::Raw],
+    k: usize,
+    n: usize,
+    dst: &mut [W::Raw],
+) {
+    let nr = 8 * NV;
+    for (p, panel) in dst.chunks_exact_mut(k * nr).enumerate() {
+        let j0 = p * nr;
+        for j in 0..nr.min(n - j0) {
+            let row = &w[(j0 + j) * k..(j0 + j + 1) * k];
+            for (kk, &v) in row.iter().enumerate() {
+                panel[kk * nr + j] = v;
+            }
+        }
+    }
+}
 
-/// A packed weight panel for any `NV ≤ 4`, cache-line aligned.
-#[repr(align(64))]
-struct PanelBuf([std::mem::MaybeUninit<f32>; KC_MAX * 32]);
-
-/// Output columns (weight rows) of panels `p0..p1` (each `8·NV` wide) for all `m`
-/// activation rows. Per panel and `kc` block the weights are packed once and then swept
-/// by every activation row, `MR` rows at a time.
+/// Output columns (weight rows) of panels `p0..p1` for `m` activation rows, from weights
+/// packed by `pack_panels`. `k` is taken in blocks of `kc_block`, and within a block every
+/// panel is swept by all `m` rows, `MR` at a time, so the block of activations stays in L2
+/// while the panels stream through L1.
+///
+/// Each output is one chain of multiply-adds along `k` per block, the blocks added in
+/// order: the same arithmetic whatever `m`, the row range or the panel range, so a row's
+/// result does not depend on the rows next to it or on how the threads split the work.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_panels<W: Widen, const MR: usize, const NV: usize>(
-    w: *const W::Raw,
+pub(super) unsafe fn gemm_packed<W: Widen, const MR: usize, const NV: usize>(
+    panels: *const W::Raw,
     x: *const f32,
     m: usize,
     k: usize,
@@ -551,9 +536,8 @@ pub(super) unsafe fn gemm_panels<W: Widen, const MR: usize, const NV: usize>(
     (p0, p1): (usize, usize),
     kc_block: usize,
 ) {
-    const { assert!(MR <= 6 && NV <= 4, "tail kernels and panel buffer sizes") };
+    const { assert!(MR <= 6 && NV <= 4, "tail kernels and tile sizes") };
     let nr = 8 * NV;
-    let kc_block = kc_block.clamp(8, KC_MAX);
     // Rows left after whole MR tiles. A tile of 1–3 rows has too few accumulators to hide
     // the FMA latency, so such a remainder is merged with one whole tile and split in two
     // (e.g. m = 32 with MR = 6 runs 6+6+6+6+4+4, not 6+6+6+6+6+2).
@@ -563,37 +547,46 @@ pub(super) unsafe fn gemm_panels<W: Widen, const MR: usize, const NV: usize>(
         full -= MR;
         tail += MR;
     }
-    // Uninitialised on purpose (64 KB per call): `pack_panel` writes every element of the
-    // `kc × nr` prefix before `gemm_micro` reads it.
-    let mut buf = PanelBuf([std::mem::MaybeUninit::uninit(); KC_MAX * 32]);
-    let bp = buf.0.as_mut_ptr().cast::<f32>();
-    for jp in p0..p1 {
-        let j0 = jp * nr;
-        let cols = nr.min(n - j0);
-        let b = if bias.is_null() { bias } else { bias.add(j0) };
-        let mut pc = 0;
-        while pc < k {
-            let kc = kc_block.min(k - pc);
-            pack_panel::<W, NV>(w.add(j0 * k), k, cols, pc, kc, bp);
-            // The next panel's rows are read 8 at a time, interleaved, which the hardware
-            // prefetcher follows poorly; fetch them while this one computes, a few lines
-            // per micro-tile (a burst of hundreds would stall on the miss buffers).
-            let mut pf = if jp + 1 < p1 {
-                let rows_next = nr.min(n - j0 - nr);
-                Prefetcher::<W>::new(w.add((j0 + nr) * k + pc), k, rows_next, kc)
+    let tiles = full / MR + if tail > MR { 2 } else { usize::from(tail > 0) };
+    let mut pc = 0;
+    while pc < k {
+        let kc = kc_block.min(k - pc);
+        let first = pc == 0;
+        for jp in p0..p1 {
+            let j0 = jp * nr;
+            let cols = nr.min(n - j0);
+            let b = if bias.is_null() { bias } else { bias.add(j0) };
+            let bp = panels.add((jp * k + pc) * nr);
+            // What this (panel, k block) is followed by: the next panel's block, else the
+            // first panel's next block. Its lines are shared out among this panel's tiles.
+            let next = if jp + 1 < p1 {
+                Some((jp + 1, pc, kc))
+            } else if pc + kc < k {
+                Some((p0, pc + kc, kc_block.min(k - pc - kc)))
             } else {
-                Prefetcher::<W>::new(w, k, 0, 0)
+                None
             };
-            let per_tile = pf.lines().div_ceil(m.div_ceil(MR)).max(1);
-            let first = pc == 0;
+            let (pf_base, pf_total) = match next {
+                Some((np, npc, nkc)) => {
+                    let bytes = nkc * nr * std::mem::size_of::<W::Raw>();
+                    (panels.add((np * k + npc) * nr).cast::<u8>(), bytes / 64)
+                }
+                None => (std::ptr::null(), 0),
+            };
+            let per_tile = pf_total.div_ceil(tiles);
+            let mut t = 0;
+            let pf = |t: usize| {
+                let start = (t * per_tile).min(pf_total);
+                let lines = per_tile.min(pf_total - start).min(kc);
+                (pf_base.wrapping_add(64 * start), lines)
+            };
             let mut i = 0;
             while i + MR <= full {
-                pf.issue(per_tile);
                 let (a, c) = (x.add(i * k + pc), out.add(i * n + j0));
-                gemm_micro::<MR, NV>(kc, a, k, bp, c, n, cols, first, b);
+                gemm_micro::<W, MR, NV>(kc, a, k, bp, c, n, cols, first, b, pf(t));
                 i += MR;
+                t += 1;
             }
-            pf.issue(usize::MAX);
             while i < m {
                 let rows = if m - i == tail && tail > MR {
                     tail.div_ceil(2)
@@ -601,10 +594,11 @@ pub(super) unsafe fn gemm_panels<W: Widen, const MR: usize, const NV: usize>(
                     m - i
                 };
                 let (a, c) = (x.add(i * k + pc), out.add(i * n + j0));
-                gemm_micro_tail::<NV>(rows, kc, a, k, bp, c, n, cols, first, b);
+                gemm_micro_tail::<W, NV>(rows, kc, a, k, bp, c, n, cols, first, b, pf(t));
                 i += rows;
+                t += 1;
             }
-            pc += kc;
         }
+        pc += kc;
     }
 }
