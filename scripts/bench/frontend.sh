@@ -4,7 +4,8 @@
 # model (one compute thread), at each concurrency, RUNS times, then one summary table.
 #
 #   scripts/bench/frontend.sh [OUT_DIR]      # env: RUNS (3), CONCURRENCY ("16 64"),
-#                                            #      TOKENS (256), BIN, MODEL, SERVE_ARGS
+#                                            #      TOKENS (256), BIN, MODEL, SERVE_ARGS,
+#                                            #      CLIENT_PREFIX, PORT (18123)
 #
 # Each run's full report is OUT_DIR/c<C>-r<R>.json. Run it on an otherwise idle machine:
 # the load generator shares it with the server, and CPU time per token moves with
@@ -27,11 +28,25 @@ if [ ! -f "$MODEL/config.json" ]; then
     "$BIN" model synth --size tiny --out "$MODEL"
 fi
 
+PORT=${PORT:-18123}
 for c in $CONCURRENCY; do
     for r in $(seq "$RUNS"); do
-        "$BIN" bench serve --spawn --serve-args "--model $MODEL --threads 1 ${SERVE_ARGS:-}" \
+        # shellcheck disable=SC2086
+        "$BIN" serve --model "$MODEL" --threads 1 --port "$PORT" ${SERVE_ARGS:-} \
+            > "$OUT/server.log" 2>&1 &
+        server=$!
+        for _ in $(seq 300); do
+            curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
+            sleep 0.1
+        done
+        # CLIENT_PREFIX="chrt -b 0" runs the load generator as a batch task, so that its
+        # wake-ups do not preempt the server mid-write as they do when it shares cores.
+        ${CLIENT_PREFIX:-} "$BIN" bench serve --url "http://127.0.0.1:$PORT" --server-pid "$server" \
             --requests $((c * 2)) --concurrency "$c" --prompt-tokens 128 \
-            --max-tokens "$TOKENS" --json "$OUT/c$c-r$r.json" > /dev/null
+            --max-tokens "$TOKENS" --json "$OUT/c$c-r$r.json" > /dev/null || status=$?
+        kill "$server"
+        wait "$server" || true
+        [ -z "${status:-}" ] || exit "$status"
         echo "$(cut -d' ' -f1 /proc/loadavg)" > "$OUT/c$c-r$r.load"
     done
 done
