@@ -27,7 +27,16 @@ pub struct EngineBenchOptions {
 pub struct DecodeRow {
     pub batch: usize,
     pub tokens_per_s: f64,
+    /// Mean step time (what `tokens_per_s` comes from).
     pub step_ms: f64,
+    /// Step-time quantiles, each step timed on its own. On a shared or noisy machine the
+    /// median says what the engine does when it gets the cores; the mean also counts the
+    /// steps that waited for them.
+    pub step_ms_p10: f64,
+    pub step_ms_p50: f64,
+    pub step_ms_p90: f64,
+    /// `batch / p50`: the rate at the median step.
+    pub tokens_per_s_at_p50: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -139,17 +148,31 @@ pub fn run_on<B: Backend>(
             started.extend(eng.step().into_iter().map(|(id, _)| id));
         }
         let mut tokens = 0usize;
-        let mut steps = 0usize;
+        let mut step_ms = Vec::new();
         let t = Instant::now();
         while eng.has_work() {
+            let s = Instant::now();
             tokens += eng.step().iter().filter(|(_, e)| e.token.is_some()).count();
-            steps += 1;
+            step_ms.push(s.elapsed().as_secs_f64() * 1e3);
         }
         let secs = t.elapsed().as_secs_f64();
+        step_ms.sort_by(f64::total_cmp);
+        let q = |q: f64| match step_ms.len() {
+            0 => 0.0,
+            n => step_ms[((n - 1) as f64 * q).round() as usize],
+        };
         decode.push(DecodeRow {
             batch: b,
             tokens_per_s: tokens as f64 / secs,
-            step_ms: secs * 1e3 / steps.max(1) as f64,
+            step_ms: secs * 1e3 / step_ms.len().max(1) as f64,
+            step_ms_p10: q(0.1),
+            step_ms_p50: q(0.5),
+            step_ms_p90: q(0.9),
+            tokens_per_s_at_p50: if q(0.5) > 0.0 {
+                b as f64 * 1e3 / q(0.5)
+            } else {
+                0.0
+            },
         });
     }
 
@@ -200,10 +223,12 @@ pub fn print_table(r: &EngineBenchReport) {
         r.memory_bandwidth_gbs
     );
     println!();
-    println!("| measure | tokens/s | step ms | bound tokens/s |");
-    println!("|---|---:|---:|---:|");
     println!(
-        "| prefill ({}-token prompts) | {:.0} | | |",
+        "| measure | tokens/s | step ms (mean) | step ms p10 / p50 / p90 | tokens/s at p50 step | bound tokens/s |"
+    );
+    println!("|---|---:|---:|---|---:|---:|");
+    println!(
+        "| prefill ({}-token prompts) | {:.0} | | | | |",
         r.prefill_len, r.prefill_tokens_per_s
     );
     for d in &r.decode {
@@ -213,8 +238,15 @@ pub fn print_table(r: &EngineBenchReport) {
             String::new()
         };
         println!(
-            "| decode batch {} | {:.0} | {:.2} | {} |",
-            d.batch, d.tokens_per_s, d.step_ms, bound
+            "| decode batch {} | {:.0} | {:.2} | {:.2} / {:.2} / {:.2} | {:.0} | {} |",
+            d.batch,
+            d.tokens_per_s,
+            d.step_ms,
+            d.step_ms_p10,
+            d.step_ms_p50,
+            d.step_ms_p90,
+            d.tokens_per_s_at_p50,
+            bound
         );
     }
 }
