@@ -494,9 +494,9 @@ impl<W: Widen> Prefetcher<W> {
     }
 }
 
-/// Packs weight rows of panels `p0..p1` (each `8·NV` rows of `w`, row stride `k`, `n` rows
-/// in all) into `dst`, panel `p` at `dst[p · k · 8·NV ..]` as `[k][8·NV]`: the layout
-/// `gemm_packed` reads, in the weights' own element type, rows past `n` zero-filled.
+/// Packs all `n` rows of `w` (row stride `k`) into panels of `8·NV` rows, panel `p` at
+/// `dst[p · k · 8·NV ..]` as `[k][8·NV]`: the layout `gemm_packed` reads, in the weights'
+/// own element type, rows past `n` left as `dst` had them (zero).
 pub(super) fn pack_panels<W: Widen, const NV: usize>(
     w: &[W::Raw],
     k: usize,
