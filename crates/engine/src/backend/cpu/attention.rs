@@ -111,23 +111,17 @@ unsafe fn task_avx2(a: &AttnArgs<'_>, t: &Task, out: SharedMut, out_cols: usize)
     task_body::<true>(a, t, out, out_cols)
 }
 
+/// A task's queries scaled by 1/√head_dim, as rows `r = i · group + g` (query `t.q0 + i`,
+/// head `g` of the task's KV group), and the position each row attends up to.
 #[inline(always)]
-fn task_body<const FMA: bool>(a: &AttnArgs<'_>, t: &Task, out: SharedMut, out_cols: usize) {
+fn scaled_queries(a: &AttnArgs<'_>, t: &Task) -> (Vec<f32>, Vec<usize>) {
     let seq = &a.seqs[t.seq];
-    let (hd, bs) = (a.head_dim, a.block_size);
+    let hd = a.head_dim;
     let group = a.num_heads / a.num_kv_heads;
     let rows = (t.q1 - t.q0) * group;
     let scale = 1.0 / (hd as f32).sqrt();
-    // Row r = (query i, head g within the group).
     let mut q = vec![0f32; rows * hd];
-    let mut acc = vec![0f32; rows * hd];
-    let mut m = vec![f32::NEG_INFINITY; rows];
-    let mut l = vec![0f32; rows];
     let mut pos = vec![0usize; rows];
-    let mut s = vec![0f32; bs];
-    // bf16 blocks are widened here once per task, then shared by all its rows.
-    let mut kbuf = Vec::new();
-    let mut vbuf = Vec::new();
     let first_pos = seq.ctx_len - seq.q_len;
     for i in 0..t.q1 - t.q0 {
         let row = &a.qkv[(seq.q_start + t.q0 + i) * a.qkv_cols..];
@@ -143,7 +137,24 @@ fn task_body<const FMA: bool>(a: &AttnArgs<'_>, t: &Task, out: SharedMut, out_co
             pos[r] = first_pos + t.q0 + i;
         }
     }
-    let last_pos = first_pos + t.q1 - 1;
+    (q, pos)
+}
+
+#[inline(always)]
+fn task_body<const FMA: bool>(a: &AttnArgs<'_>, t: &Task, out: SharedMut, out_cols: usize) {
+    let seq = &a.seqs[t.seq];
+    let (hd, bs) = (a.head_dim, a.block_size);
+    let group = a.num_heads / a.num_kv_heads;
+    let rows = (t.q1 - t.q0) * group;
+    let (q, pos) = scaled_queries(a, t);
+    let mut acc = vec![0f32; rows * hd];
+    let mut m = vec![f32::NEG_INFINITY; rows];
+    let mut l = vec![0f32; rows];
+    let mut s = vec![0f32; bs];
+    // bf16 blocks are widened here once per task, then shared by all its rows.
+    let mut kbuf = Vec::new();
+    let mut vbuf = Vec::new();
+    let last_pos = seq.ctx_len - seq.q_len + t.q1 - 1;
     let num_blocks = (last_pos + 1).div_ceil(bs);
     for b in 0..num_blocks {
         let base = ((seq.block_table[b] as usize * a.num_kv_heads + t.kv_head) * bs) * hd;
@@ -278,33 +289,15 @@ mod avx2 {
         let (hd, bs) = (8 * HV, a.block_size);
         let group = a.num_heads / a.num_kv_heads;
         let rows = (t.q1 - t.q0) * group;
-        let scale = 1.0 / (hd as f32).sqrt();
-        // Row r = (query i, head g within the group), as in `task_body`.
-        let mut q = vec![0f32; rows * hd];
+        let (q, pos) = super::scaled_queries(a, t);
         let mut acc = vec![0f32; rows * hd];
         let mut m = vec![f32::NEG_INFINITY; rows];
         let mut l = vec![0f32; rows];
-        let mut pos = vec![0usize; rows];
         // Scores are written eight at a time.
         let mut s = vec![0f32; bs.next_multiple_of(8)];
         let mut kbuf = Vec::new();
         let mut vbuf = Vec::new();
-        let first_pos = seq.ctx_len - seq.q_len;
-        for i in 0..t.q1 - t.q0 {
-            let row = &a.qkv[(seq.q_start + t.q0 + i) * a.qkv_cols..];
-            for g in 0..group {
-                let h = t.kv_head * group + g;
-                let r = i * group + g;
-                for (d, &x) in q[r * hd..(r + 1) * hd]
-                    .iter_mut()
-                    .zip(&row[h * hd..(h + 1) * hd])
-                {
-                    *d = x * scale;
-                }
-                pos[r] = first_pos + t.q0 + i;
-            }
-        }
-        let last_pos = first_pos + t.q1 - 1;
+        let last_pos = seq.ctx_len - seq.q_len + t.q1 - 1;
         let num_blocks = (last_pos + 1).div_ceil(bs);
         let block = |b: usize| {
             let base = ((seq.block_table[b] as usize * a.num_kv_heads + t.kv_head) * bs) * hd;
