@@ -249,18 +249,7 @@ pub(super) fn scalar_dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
-    /// Deterministic values in [-1, 1) without pulling an RNG into the kernels' tests.
-    fn fill(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::backend::cpu::kernels::test_fill as fill;
 
     fn matrix(dtype: &str, n: usize, k: usize, seed: u64) -> Matrix {
         let v = fill(n * k, seed);

@@ -24,6 +24,20 @@ pub use matrix::{Matrix, WeightData};
 pub use pool::{num_threads, parallel_for, set_num_threads};
 pub use vector::{axpy, dot, scale};
 
+/// Deterministic values in [-1, 1) for the CPU kernels' tests, without an RNG crate.
+#[cfg(test)]
+pub(crate) fn test_fill(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
 /// Which implementation the kernels use on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Isa {
