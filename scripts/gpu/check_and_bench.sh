@@ -11,7 +11,9 @@
 # and on the host), serve (`switchyard serve --device cuda` on the 8b model, loaded once,
 # and `switchyard bench serve` at concurrency 1, 16 and 64: TTFT and inter-token p50/p99),
 # profile (`switchyard bench profile` on the 8b model: measured step times as a mock-engine
-# profile, $OUT/profile-h100-8b.json) (default: check synth bench eager cublas cli serve). Logs go to $OUT (or
+# profile, $OUT/profile-h100-8b.json), nccl (`nccl_check`: an all-reduce over every GPU
+# through NCCL, checked and timed; needs BIN_DIR/nccl_check and 2 GPUs or more)
+# (default: check synth bench eager cublas cli serve). Logs go to $OUT (or
 # /tmp/switchyard-gpu); tables print last.
 set -uo pipefail
 BIN=${1:-gpu-bin}
@@ -30,6 +32,14 @@ if command -v nvcc >/dev/null; then
 fi
 sp=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)
 for d in "$sp"/nvidia/*/lib; do [ -d "$d" ] && libs+=("$d"); done
+# cudarc opens NCCL as libnccl.so; PyTorch's wheel ships only libnccl.so.2.
+if [ -f "$sp/nvidia/nccl/lib/libnccl.so.2" ]; then
+    mkdir -p /tmp/switchyard-nccl
+    ln -sf "$sp/nvidia/nccl/lib/libnccl.so.2" /tmp/switchyard-nccl/libnccl.so
+    libs+=(/tmp/switchyard-nccl)
+fi
+# NVLink multicast stays off: on shared hosts it can put the GPUs out of service.
+export NCCL_NVLS_ENABLE=0
 LD_LIBRARY_PATH=$(IFS=:; echo "${libs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export LD_LIBRARY_PATH
 export SWITCHYARD_CACHE_DIR=${SWITCHYARD_CACHE_DIR:-/tmp/switchyard-cache}
@@ -85,6 +95,8 @@ for stage in $STAGES; do
     sampling)
         # W1 greedy, then sampled (T=0.8, top_p=0.95) on the device and on the host, one process.
         "$BIN/cuda_check" bench "$M8B" w1 w1s w1s-host 2>&1 | tee "$LOG/bench_sampling.log" || rc=1 ;;
+    nccl)
+        "$BIN/nccl_check" 2>&1 | tee "$LOG/nccl.log" || rc=1 ;;
     cli)
         "$BIN/switchyard" bench engine --device cuda --model "$M8B" --batch 1,32,256 \
             --prompt-len 512 --decode-tokens 64 --prefill-prompts 8 --prefill-len 2048 \
@@ -93,5 +105,5 @@ for stage in $STAGES; do
 done
 echo "== summary =="
 grep -h '^|' "$LOG/check.log" "$LOG/bench.log" "$LOG/bench_eager.log" "$LOG/bench_cublas.log" "$LOG/bench_sampling.log" \
-    "$LOG/bench_engine.log" "$LOG/bench_serve.log" 2>/dev/null
+    "$LOG/bench_engine.log" "$LOG/bench_serve.log" "$LOG/nccl.log" 2>/dev/null
 exit $rc
