@@ -12,7 +12,9 @@
 # and `switchyard bench serve` at concurrency 1, 16 and 64: TTFT and inter-token p50/p99),
 # profile (`switchyard bench profile` on the 8b model: measured step times as a mock-engine
 # profile, $OUT/profile-h100-8b.json), nccl (`nccl_check`: an all-reduce over every GPU
-# through NCCL, checked and timed; needs BIN_DIR/nccl_check and 2 GPUs or more)
+# through NCCL, checked and timed; needs BIN_DIR/nccl_check and 2 GPUs or more), tp
+# (`tp_check`: TP=$TP (default 2) against TP=1, greedy agreement and decode throughput, on
+# the small and 8b synth models; needs BIN_DIR/tp_check and that many GPUs)
 # (default: check synth bench eager cublas cli serve). Logs go to $OUT (or
 # /tmp/switchyard-gpu); tables print last.
 set -uo pipefail
@@ -97,6 +99,15 @@ for stage in $STAGES; do
         "$BIN/cuda_check" bench "$M8B" w1 w1s w1s-host 2>&1 | tee "$LOG/bench_sampling.log" || rc=1 ;;
     nccl)
         "$BIN/nccl_check" 2>&1 | tee "$LOG/nccl.log" || rc=1 ;;
+    tp)
+        # TP ${TP:-2} against TP 1: greedy agreement, then decode throughput at batch 1 and 64,
+        # on the small synth model and on the 8b one.
+        MSMALL=${MSMALL:-/tmp/msmall}
+        [ -f "$MSMALL/config.json" ] || "$BIN/switchyard" model synth --size small --out "$MSMALL" >/dev/null
+        for m in "$MSMALL" "$M8B"; do
+            echo "== $m" | tee -a "$LOG/tp.log"
+            "$BIN/tp_check" "$m" "${TP:-2}" 1 64 2>&1 | tee -a "$LOG/tp.log" || rc=1
+        done ;;
     cli)
         "$BIN/switchyard" bench engine --device cuda --model "$M8B" --batch 1,32,256 \
             --prompt-len 512 --decode-tokens 64 --prefill-prompts 8 --prefill-len 2048 \
@@ -105,5 +116,5 @@ for stage in $STAGES; do
 done
 echo "== summary =="
 grep -h '^|' "$LOG/check.log" "$LOG/bench.log" "$LOG/bench_eager.log" "$LOG/bench_cublas.log" "$LOG/bench_sampling.log" \
-    "$LOG/bench_engine.log" "$LOG/bench_serve.log" "$LOG/nccl.log" 2>/dev/null
+    "$LOG/bench_engine.log" "$LOG/bench_serve.log" "$LOG/nccl.log" "$LOG/tp.log" 2>/dev/null
 exit $rc

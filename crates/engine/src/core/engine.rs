@@ -95,6 +95,12 @@ impl<E: Executor> LlmEngine<E> {
         &self.exec
     }
 
+    /// For checking tools: a forward pass run through this writes KV blocks the scheduler
+    /// does not know about, so use it only while no request is in flight.
+    pub fn executor_mut(&mut self) -> &mut E {
+        &mut self.exec
+    }
+
     /// Checks a request against the model and the cache before it is queued.
     pub fn validate(&self, req: &GenerateRequest) -> Result<(), SubmitError> {
         validate_request(

@@ -171,20 +171,27 @@ fn engine_config(cfg: &ModelConfig, opts: &EngineOptions, num_blocks: usize) -> 
     }
 }
 
-/// Tensor parallelism emulated on the CPU: `world` shards of one model, each on its own
-/// thread during a step, joined by an in-process all-reduce. It proves the sharding math
-/// that multi-GPU backends use, with no GPU; it is not a way to run faster on a CPU.
-pub struct CpuTpExecutor {
-    shards: Vec<ModelExecutor<CpuBackend>>,
+/// Tensor parallelism: `world` shards of one model, each on its own thread during a step,
+/// joined by their backends' all-reduce (in-process on the CPU, NCCL on CUDA). Every rank
+/// ends a step with the same logits; rank 0's are returned.
+pub struct TpExecutor<B: Backend> {
+    shards: Vec<ModelExecutor<B>>,
 }
 
-impl CpuTpExecutor {
+/// The CPU emulation proves the sharding math that multi-GPU backends use, with no GPU; it
+/// is not a way to run faster on a CPU.
+pub type CpuTpExecutor = TpExecutor<CpuBackend>;
+
+impl<B: Backend> TpExecutor<B> {
     pub fn world(&self) -> usize {
         self.shards.len()
     }
 }
 
-impl Executor for CpuTpExecutor {
+impl<B: Backend> Executor for TpExecutor<B>
+where
+    ModelExecutor<B>: Send,
+{
     fn vocab_size(&self) -> usize {
         self.shards[0].vocab_size()
     }
@@ -238,6 +245,59 @@ pub fn build_cpu_tp_engine(
     }
     Ok(LlmEngine::new(
         engine_config(&cfg, opts, num_blocks),
-        CpuTpExecutor { shards },
+        TpExecutor { shards },
+    ))
+}
+
+/// Loads `dir` as one tensor-parallel shard per backend (`backends[r]` is rank `r`, its
+/// all-reduce already joined to the others'), with a KV cache as large as the fullest
+/// rank allows.
+pub fn build_tp_engine<B: Backend>(
+    dir: &Path,
+    backends: Vec<B>,
+    opts: &EngineOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LlmEngine<TpExecutor<B>>, ModelError> {
+    if opts.block_size == 0 {
+        return Err(ModelError::Backend("block_size must be positive".into()));
+    }
+    let world = backends.len();
+    let cfg = ModelConfig::from_dir(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let mut models = Vec::with_capacity(world);
+    for (rank, backend) in backends.iter().enumerate() {
+        let shard = TpShard { rank, world };
+        shard.validate(&cfg).map_err(ModelError::Backend)?;
+        models.push(Model::from_checkpoint_shard(
+            cfg.clone(),
+            &ckpt,
+            backend,
+            shard,
+            progress,
+        )?);
+    }
+    let mut num_blocks = usize::MAX;
+    for (backend, model) in backends.iter().zip(&models) {
+        let spec = model.kv_cache_spec(1, opts.block_size);
+        let per_block = spec.bytes_per_token(backend.kv_elem_bytes()) * opts.block_size;
+        let n = match opts.num_blocks {
+            Some(n) => n,
+            None => backend.kv_cache_budget()?.unwrap_or(opts.kv_cache_bytes) / per_block,
+        };
+        num_blocks = num_blocks.min(n);
+    }
+    let num_blocks = num_blocks.max(1);
+    let mut shards = Vec::with_capacity(world);
+    for (backend, model) in backends.into_iter().zip(models) {
+        shards.push(ModelExecutor::new(
+            backend,
+            model,
+            num_blocks,
+            opts.block_size,
+        )?);
+    }
+    Ok(LlmEngine::new(
+        engine_config(&cfg, opts, num_blocks),
+        TpExecutor { shards },
     ))
 }

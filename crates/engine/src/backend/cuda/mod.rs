@@ -221,6 +221,23 @@ pub struct CudaBackend {
     rec: RefCell<Option<Recording>>,
     /// cuBLAS's workspace, set explicitly so that captured GEMMs allocate nothing.
     _blas_workspace: CudaSlice<u8>,
+    /// This backend's NCCL communicator when it is one rank of a tensor-parallel group
+    /// (`CudaBackend::tp_group`).
+    nccl: Option<NcclComm>,
+}
+
+/// An NCCL communicator, destroyed with the backend.
+struct NcclComm(cudarc::nccl::sys::ncclComm_t);
+
+// SAFETY: a communicator may be used from any thread, one thread at a time; the backend
+// that owns it is used by one thread at a time (it is not `Sync`).
+unsafe impl Send for NcclComm {}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        // SAFETY: created by ncclCommInitAll and destroyed once, here.
+        let _ = unsafe { cudarc::nccl::result::comm_destroy(self.0) };
+    }
 }
 
 /// A kernel argument, passed by value in an 8-byte slot (a 4-byte parameter reads the low
@@ -315,7 +332,44 @@ impl CudaBackend {
             graphs: RefCell::new(HashMap::new()),
             rec: RefCell::new(None),
             _blas_workspace: blas_workspace,
+            nccl: None,
         })
+    }
+
+    /// One backend per device of `devices`, joined as the ranks of a tensor-parallel group
+    /// (rank r on `devices[r]`) by NCCL communicators. Decode steps run without CUDA graphs
+    /// in a group (the all-reduces are not captured yet).
+    pub fn tp_group(opts: CudaOptions, devices: &[usize]) -> Result<Vec<Self>, CudaError> {
+        if devices.is_empty() {
+            return Err(CudaError::Unavailable("a TP group needs a device".into()));
+        }
+        let mut backends = Vec::with_capacity(devices.len());
+        for &device in devices {
+            backends.push(CudaBackend::new(CudaOptions { device, ..opts })?);
+        }
+        if devices.len() == 1 {
+            return Ok(backends);
+        }
+        let ordinals: Vec<i32> = devices.iter().map(|&d| d as i32).collect();
+        let mut comms = vec![std::ptr::null_mut(); devices.len()];
+        // SAFETY: one slot per device in `ordinals`, which stay alive for the call.
+        unsafe {
+            cudarc::nccl::result::comm_init_all(
+                comms.as_mut_ptr(),
+                ordinals.len() as i32,
+                ordinals.as_ptr(),
+            )
+        }
+        .map_err(|e| {
+            CudaError::Unavailable(format!(
+                "NCCL over devices {devices:?}: {e:?} (is libnccl.so on the library path?)"
+            ))
+        })?;
+        for (b, comm) in backends.iter_mut().zip(comms) {
+            b.nccl = Some(NcclComm(comm));
+            b.set_cuda_graphs(false);
+        }
+        Ok(backends)
     }
 
     /// Turns CUDA graphs for decode steps on or off (default on unless
@@ -844,6 +898,30 @@ impl Backend for CudaBackend {
             len: host.len(),
             buf,
         })
+    }
+
+    fn all_reduce(&self, x: &mut CudaAct) {
+        let Some(comm) = &self.nccl else {
+            return;
+        };
+        let ptr = self.act_ptr(x) as *mut c_void;
+        // SAFETY: `x` holds rows × cols bf16 values on this backend's device, and the
+        // all-reduce is ordered on its stream like every other operation on `x`.
+        let r = unsafe {
+            cudarc::nccl::result::all_reduce(
+                ptr,
+                ptr,
+                x.rows * x.cols,
+                cudarc::nccl::sys::ncclDataType_t::ncclBfloat16,
+                cudarc::nccl::sys::ncclRedOp_t::ncclSum,
+                comm.0,
+                self.stream.cu_stream() as _,
+            )
+        };
+        if let Err(e) = r {
+            // Ranks out of step cannot be recovered within a step.
+            panic!("NCCL all-reduce failed: {e:?}");
+        }
     }
 
     fn kv_cache_budget(&self) -> Result<Option<usize>, ModelError> {
