@@ -553,9 +553,19 @@ impl KvIndex {
     /// `needs_resync`; events with ids up to `last_event_id` are then ignored as stale.
     ///
     /// The snapshot must be taken after the gap was reported: an older one would roll the
-    /// mirror back past events that will not be delivered again.
+    /// mirror back past events that will not be delivered again. A snapshot older than a
+    /// mirror with no gap (events reached the router before the snapshot it asked for when
+    /// the instance joined) is ignored for that reason.
     pub fn resync(&mut self, instance: InstanceId, last_event_id: Option<u64>, hashes: &[u64]) {
         let slot = self.slot_or_register(instance);
+        let snapshot_next = last_event_id.map_or(0, |id| id.saturating_add(1));
+        let state = &self.slots[slot as usize];
+        if !state.needs_resync && snapshot_next < state.next_event {
+            // Older than a mirror that has seen every event since the instance's first:
+            // the join-time snapshot of an instance whose events got here before it. The
+            // mirror is exact and newer; replacing it would drop blocks until the next gap.
+            return;
+        }
         self.clear_slot(slot);
         let mut at = Link::Parent(None);
         for &hash in hashes {
@@ -1231,6 +1241,30 @@ mod tests {
         index.apply(1, &stored(0, None, &[1])).unwrap();
         assert!(!index.holds(1, 1));
         assert_eq!(index.next_event_id(1), Some(2));
+        assert!(!index.needs_resync(1));
+    }
+
+    #[test]
+    fn a_snapshot_older_than_a_gap_free_mirror_is_ignored() {
+        // An instance's events from id 0 arrive before its join-time snapshot, taken
+        // before any of them: the mirror is exact and newer, and must keep its blocks.
+        let mut index = KvIndex::new();
+        index.add_instance(1);
+        index.apply(1, &stored(0, None, &[1, 2])).unwrap();
+        index.apply(1, &stored(1, Some(2), &[3])).unwrap();
+        index.resync(1, None, &[]);
+        assert_eq!(index.num_blocks(1), 3);
+        assert_eq!(index.next_event_id(1), Some(2));
+        index.resync(1, Some(0), &[1, 2]);
+        assert_eq!(index.num_blocks(1), 3, "still older than the mirror");
+        // A snapshot as new as the mirror, or newer, replaces it.
+        index.resync(1, Some(1), &[5]);
+        assert_eq!(index.num_blocks(1), 1);
+        assert!(index.holds(1, 5));
+        // After a gap the mirror is not exact: any snapshot taken since replaces it.
+        index.apply(1, &stored(4, None, &[6])).unwrap_err();
+        index.resync(1, Some(3), &[7]);
+        assert!(index.holds(1, 7) && !index.holds(1, 6));
         assert!(!index.needs_resync(1));
     }
 

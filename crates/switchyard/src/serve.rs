@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use engine::backend::cpu::{kernels, CpuBackend};
+use engine::backend::cuda::{CudaBackend, CudaOptions};
 use engine::backend::Backend;
 use engine::core::{EngineConfig, EngineHandle, HandleOptions};
-use engine::model::{build_engine, EngineOptions};
+use engine::model::{build_cpu_tp_engine, build_engine, build_tp_engine, EngineOptions};
 use frontend::{Frontend, FrontendConfig, ModelService};
 use router::{KvWeights, Router, RouterConfig, RouterMode};
 use runtime::{Discovery, InstanceInfo, LocalClient, LocalDiscovery, LocalEventPlane, Role};
@@ -78,6 +79,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_INSTANCES", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     instances: u32,
+    /// Tensor-parallel ranks of the instance: with --device cuda, GPUs --cuda-device to
+    /// --cuda-device + N - 1 joined by NCCL (graphs off for now); on the CPU, an emulation
+    /// that runs the same sharded math with no speed-up.
+    #[arg(long, env = "SWITCHYARD_TP", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    tp: u16,
     /// How the router picks an instance: kv (cached prefix against load), round-robin,
     /// random or least-loaded.
     #[arg(long, env = "SWITCHYARD_ROUTER_MODE", default_value = "kv",
@@ -140,6 +147,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     if !(args.mock_speedup.is_finite() && args.mock_speedup > 0.0) {
         anyhow::bail!("--mock-speedup must be > 0, got {}", args.mock_speedup);
+    }
+    if args.tp > 1 && (args.engine == EngineKind::Mock || args.instances > 1) {
+        anyhow::bail!("--tp above 1 needs --engine model and one instance (--instances 1)");
     }
     if args.device.device == Device::Cuda && args.instances > 1 && args.engine == EngineKind::Model
     {
@@ -221,6 +231,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 ..HandleOptions::default()
             },
             instances: args.instances as usize,
+            tp: usize::from(args.tp),
             engine: args.engine,
             mock_speedup: args.mock_speedup,
             mock_profile: args.mock_profile.clone(),
@@ -280,6 +291,7 @@ struct LoadPlan {
     opts: EngineOptions,
     handle_opts: HandleOptions,
     instances: usize,
+    tp: usize,
     engine: EngineKind,
     mock_speedup: f64,
     mock_profile: Option<PathBuf>,
@@ -313,7 +325,7 @@ fn load_model(plan: LoadPlan) -> Result<ModelService> {
             block_size: cfg.scheduler.block_size,
             kv_blocks: cfg.scheduler.num_blocks,
             device,
-            tensor_parallel: 1,
+            tensor_parallel: plan.tp,
         };
         events.forward(info.id, handle.subscribe_kv_events());
         discovery.register(info, Arc::new(LocalClient::new(handle)));
@@ -337,7 +349,44 @@ fn start_instance(
 ) -> Result<(EngineHandle, EngineConfig, String)> {
     match (plan.engine, plan.device.device) {
         (EngineKind::Mock, _) => start_mock(plan, dir, tokenizer_vocab),
+        (EngineKind::Model, Device::Cpu) if plan.tp > 1 => {
+            let mut progress = LoadProgress::new();
+            let eng =
+                build_cpu_tp_engine(dir, plan.tp, &plan.opts, &mut |d, t| progress.update(d, t))
+                    .with_context(|| format!("loading {} as {} shards", dir.display(), plan.tp))?;
+            progress.finish();
+            let cfg = eng.config().clone();
+            let device = format!("cpu (tp {})", plan.tp);
+            Ok((
+                EngineHandle::spawn(eng, plan.handle_opts.clone()),
+                cfg,
+                device,
+            ))
+        }
         (EngineKind::Model, Device::Cpu) => start_on(dir, CpuBackend::new(), plan, "cpu".into()),
+        (EngineKind::Model, Device::Cuda) if plan.tp > 1 => {
+            let first = plan.device.cuda_device;
+            let devices: Vec<usize> = (first..first + plan.tp).collect();
+            let backends = CudaBackend::tp_group(
+                CudaOptions {
+                    device: first,
+                    gpu_memory_utilization: plan.device.gpu_memory_utilization,
+                },
+                &devices,
+            )?;
+            tracing::info!("tensor parallel over CUDA devices {devices:?} (NCCL)");
+            let mut progress = LoadProgress::new();
+            let eng = build_tp_engine(dir, backends, &plan.opts, &mut |d, t| progress.update(d, t))
+                .with_context(|| format!("loading {} over devices {devices:?}", dir.display()))?;
+            progress.finish();
+            let cfg = eng.config().clone();
+            let device = format!("cuda:{first}..{} (tp {})", first + plan.tp - 1, plan.tp);
+            Ok((
+                EngineHandle::spawn(eng, plan.handle_opts.clone()),
+                cfg,
+                device,
+            ))
+        }
         (EngineKind::Model, Device::Cuda) => {
             // A missing driver or library is one line of error here, before any loading.
             let backend = plan.device.cuda_backend()?;

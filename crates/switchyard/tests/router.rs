@@ -197,3 +197,32 @@ fn many_mock_instances_run_in_one_process() {
     }
     srv.wait_idle(Duration::from_secs(10));
 }
+
+#[test]
+fn tensor_parallel_serve_gives_the_same_completions() {
+    // --tp 2 on the CPU runs the sharded math (emulation): greedy outputs must not change.
+    let prompts = grouped_prompts(2, 2);
+    let one = Server::start(&[]);
+    let want: Vec<String> = prompts.iter().map(|p| complete(&one, p)).collect();
+    drop(one);
+    let tp = Server::start(&["--tp", "2"]);
+    for (p, w) in prompts.iter().zip(&want) {
+        assert_eq!(&complete(&tp, p), w);
+    }
+    let inst = tp.get("/admin/instances").json();
+    assert_eq!(inst["instances"][0]["info"]["tensor_parallel"], 2, "{inst}");
+    assert_eq!(
+        inst["instances"][0]["info"]["device"], "cpu (tp 2)",
+        "{inst}"
+    );
+    // Nonsense combinations are refused by name.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--tp", "2", "--engine", "mock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--tp"),
+        "{out:?}"
+    );
+}

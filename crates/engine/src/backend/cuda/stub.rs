@@ -51,6 +51,9 @@ impl CudaBackend {
     pub fn new(_opts: CudaOptions) -> Result<Self, CudaError> {
         Err(CudaError::Unavailable(NOT_BUILT.into()))
     }
+    pub fn tp_group(_opts: CudaOptions, _devices: &[usize]) -> Result<Vec<Self>, CudaError> {
+        Err(CudaError::Unavailable(NOT_BUILT.into()))
+    }
     pub fn describe(&self) -> String {
         match self.0 {}
     }
