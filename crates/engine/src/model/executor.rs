@@ -216,37 +216,11 @@ pub fn build_cpu_tp_engine(
     opts: &EngineOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LlmEngine<CpuTpExecutor>, ModelError> {
-    if opts.block_size == 0 {
-        return Err(ModelError::Backend("block_size must be positive".into()));
-    }
-    let cfg = ModelConfig::from_dir(dir)?;
-    let ckpt = Checkpoint::open(dir)?;
     let comm = CpuComm::new(world.max(1));
-    let mut shards = Vec::with_capacity(world);
-    let mut num_blocks = 0;
-    for rank in 0..world.max(1) {
-        let backend = CpuBackend::with_comm(rank, comm.clone());
-        let shard = TpShard { rank, world };
-        let model = Model::from_checkpoint_shard(cfg.clone(), &ckpt, &backend, shard, progress)?;
-        if rank == 0 {
-            let spec = model.kv_cache_spec(1, opts.block_size);
-            let per_block = spec.bytes_per_token(backend.kv_elem_bytes()) * opts.block_size;
-            num_blocks = opts
-                .num_blocks
-                .unwrap_or(opts.kv_cache_bytes / per_block)
-                .max(1);
-        }
-        shards.push(ModelExecutor::new(
-            backend,
-            model,
-            num_blocks,
-            opts.block_size,
-        )?);
-    }
-    Ok(LlmEngine::new(
-        engine_config(&cfg, opts, num_blocks),
-        TpExecutor { shards },
-    ))
+    let backends = (0..world.max(1))
+        .map(|rank| CpuBackend::with_comm(rank, comm.clone()))
+        .collect();
+    build_tp_engine(dir, backends, opts, progress)
 }
 
 /// Loads `dir` as one tensor-parallel shard per backend (`backends[r]` is rank `r`, its
