@@ -182,9 +182,25 @@ pub struct TpExecutor<B: Backend> {
 /// is not a way to run faster on a CPU.
 pub type CpuTpExecutor = TpExecutor<CpuBackend>;
 
-impl<B: Backend> TpExecutor<B> {
+impl<B: Backend> TpExecutor<B>
+where
+    ModelExecutor<B>: Send,
+{
     pub fn world(&self) -> usize {
         self.shards.len()
+    }
+
+    /// Runs `f` on every rank at once (their all-reduces pair up) and returns rank 0's
+    /// result; after the all-reduces every rank holds the same logits.
+    fn on_all_ranks<T>(&mut self, f: impl Fn(&mut ModelExecutor<B>) -> T + Sync) -> T {
+        let (first, rest) = self.shards.split_first_mut().expect("at least one shard");
+        let f = &f;
+        std::thread::scope(|scope| {
+            for shard in rest {
+                scope.spawn(move || drop(f(shard)));
+            }
+            f(first)
+        })
     }
 }
 
@@ -197,15 +213,21 @@ where
     }
 
     fn execute(&mut self, batch: &ForwardBatch) -> Vec<f32> {
-        let (first, rest) = self.shards.split_first_mut().expect("at least one shard");
-        std::thread::scope(|scope| {
-            for shard in rest {
-                // Every rank ends with the same logits after the all-reduces; rank 0's are
-                // returned.
-                scope.spawn(move || shard.execute(batch));
-            }
-            first.execute(batch)
-        })
+        self.on_all_ranks(|s| s.execute(batch))
+    }
+
+    // The ranks share a backend type and its settings, so they all pick on the device or
+    // all decline (`None`: nothing ran), never a mix that would leave an all-reduce waiting.
+    fn execute_greedy(&mut self, batch: &ForwardBatch) -> Option<Vec<u32>> {
+        self.on_all_ranks(|s| s.execute_greedy(batch))
+    }
+
+    fn has_device_sampling(&self) -> bool {
+        self.shards[0].has_device_sampling()
+    }
+
+    fn execute_sample(&mut self, batch: &ForwardBatch, rows: &[RowSampling]) -> Option<Vec<u32>> {
+        self.on_all_ranks(|s| s.execute_sample(batch, rows))
     }
 }
 
