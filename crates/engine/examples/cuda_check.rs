@@ -16,10 +16,13 @@
 //! sampling: the kernel against the host reference and its draw frequencies on a synthetic
 //! row, top_k = 1 against greedy, seeded requests reproducible.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use common::rel_err;
 use engine::backend::cpu::CpuBackend;
 use engine::backend::cuda::{CudaBackend, CudaOptions};
 use engine::backend::{sample_row_weights, Backend, ForwardBatch, RowSampling, SeqSlice};
@@ -86,15 +89,6 @@ fn batch(seqs: &[S]) -> ForwardBatch {
         b.logit_rows.push((q_start + s.new.len() - 1) as u32);
     }
     b
-}
-
-fn rel_err(a: &[f32], r: &[f32]) -> f64 {
-    if a.len() != r.len() || a.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = a.iter().zip(r).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = r.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 fn toks(seed: u32, n: usize, vocab: usize) -> Vec<u32> {

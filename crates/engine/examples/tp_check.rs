@@ -7,10 +7,13 @@
 //! tp_check MODEL_DIR [TP] [BATCH...]     # default TP 2, batches 1 64
 //! ```
 
+mod common;
+
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use common::rel_err;
 use engine::backend::cuda::{CudaBackend, CudaOptions};
 use engine::backend::{ForwardBatch, SeqSlice};
 use engine::core::{Executor, GenerateRequest, LlmEngine};
@@ -138,15 +141,6 @@ fn forward_logits<E: Executor>(exec: &mut E, vocab: usize) -> [Vec<f32>; 2] {
     let next = vec![vec![3u32], vec![5u32]];
     let decode = exec.execute(&step(PROMPT, &next));
     [prefill, decode]
-}
-
-fn rel_err(a: &[f32], r: &[f32]) -> f64 {
-    if a.len() != r.len() || a.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = a.iter().zip(r).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = r.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 fn prompt(seed: usize, vocab: usize) -> Vec<u32> {

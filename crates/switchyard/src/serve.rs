@@ -14,8 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use engine::backend::cpu::{kernels, CpuBackend};
 use engine::backend::cuda::{CudaBackend, CudaOptions};
-use engine::backend::Backend;
-use engine::core::{EngineConfig, EngineHandle, HandleOptions};
+use engine::core::{EngineConfig, EngineHandle, Executor, HandleOptions, LlmEngine};
 use engine::model::{build_cpu_tp_engine, build_engine, build_tp_engine, EngineOptions};
 use frontend::{Frontend, FrontendConfig, ModelService};
 use router::{KvWeights, Router, RouterConfig, RouterMode};
@@ -350,20 +349,15 @@ fn start_instance(
     match (plan.engine, plan.device.device) {
         (EngineKind::Mock, _) => start_mock(plan, dir, tokenizer_vocab),
         (EngineKind::Model, Device::Cpu) if plan.tp > 1 => {
-            let mut progress = LoadProgress::new();
-            let eng =
-                build_cpu_tp_engine(dir, plan.tp, &plan.opts, &mut |d, t| progress.update(d, t))
-                    .with_context(|| format!("loading {} as {} shards", dir.display(), plan.tp))?;
-            progress.finish();
-            let cfg = eng.config().clone();
-            let device = format!("cpu (tp {})", plan.tp);
-            Ok((
-                EngineHandle::spawn(eng, plan.handle_opts.clone()),
-                cfg,
-                device,
-            ))
+            start_loaded(plan, format!("cpu (tp {})", plan.tp), |progress| {
+                build_cpu_tp_engine(dir, plan.tp, &plan.opts, progress)
+                    .with_context(|| format!("loading {} as {} shards", dir.display(), plan.tp))
+            })
         }
-        (EngineKind::Model, Device::Cpu) => start_on(dir, CpuBackend::new(), plan, "cpu".into()),
+        (EngineKind::Model, Device::Cpu) => start_loaded(plan, "cpu".into(), |progress| {
+            build_engine(dir, CpuBackend::new(), &plan.opts, progress)
+                .with_context(|| format!("loading {}", dir.display()))
+        }),
         (EngineKind::Model, Device::Cuda) if plan.tp > 1 => {
             let first = plan.device.cuda_device;
             let devices: Vec<usize> = (first..first + plan.tp).collect();
@@ -375,17 +369,11 @@ fn start_instance(
                 &devices,
             )?;
             tracing::info!("tensor parallel over CUDA devices {devices:?} (NCCL)");
-            let mut progress = LoadProgress::new();
-            let eng = build_tp_engine(dir, backends, &plan.opts, &mut |d, t| progress.update(d, t))
-                .with_context(|| format!("loading {} over devices {devices:?}", dir.display()))?;
-            progress.finish();
-            let cfg = eng.config().clone();
             let device = format!("cuda:{first}..{} (tp {})", first + plan.tp - 1, plan.tp);
-            Ok((
-                EngineHandle::spawn(eng, plan.handle_opts.clone()),
-                cfg,
-                device,
-            ))
+            start_loaded(plan, device, |progress| {
+                build_tp_engine(dir, backends, &plan.opts, progress)
+                    .with_context(|| format!("loading {} over devices {devices:?}", dir.display()))
+            })
         }
         (EngineKind::Model, Device::Cuda) => {
             // A missing driver or library is one line of error here, before any loading.
@@ -395,21 +383,23 @@ fn start_instance(
                 plan.device.cuda_device,
                 backend.describe()
             );
-            let name = format!("cuda:{}", plan.device.cuda_device);
-            start_on(dir, backend, plan, name)
+            let device = format!("cuda:{}", plan.device.cuda_device);
+            start_loaded(plan, device, |progress| {
+                build_engine(dir, backend, &plan.opts, progress)
+                    .with_context(|| format!("loading {}", dir.display()))
+            })
         }
     }
 }
 
-fn start_on<B: Backend>(
-    dir: &std::path::Path,
-    backend: B,
+/// Loads an engine with a progress bar, then starts its loop thread.
+fn start_loaded<E: Executor>(
     plan: &LoadPlan,
     device: String,
+    load: impl FnOnce(&mut dyn FnMut(usize, usize)) -> Result<LlmEngine<E>>,
 ) -> Result<(EngineHandle, EngineConfig, String)> {
     let mut progress = LoadProgress::new();
-    let eng = build_engine(dir, backend, &plan.opts, &mut |d, t| progress.update(d, t))
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let eng = load(&mut |d, t| progress.update(d, t))?;
     progress.finish();
     let cfg = eng.config().clone();
     Ok((

@@ -218,7 +218,11 @@ where
 
     // The ranks share a backend type and its settings, so they all pick on the device or
     // all decline (`None`: nothing ran), never a mix that would leave an all-reduce waiting.
+    // Declining is known up front, without starting the ranks.
     fn execute_greedy(&mut self, batch: &ForwardBatch) -> Option<Vec<u32>> {
+        if !self.shards[0].backend().has_device_argmax() {
+            return None;
+        }
         self.on_all_ranks(|s| s.execute_greedy(batch))
     }
 
@@ -227,6 +231,9 @@ where
     }
 
     fn execute_sample(&mut self, batch: &ForwardBatch, rows: &[RowSampling]) -> Option<Vec<u32>> {
+        if !self.has_device_sampling() {
+            return None;
+        }
         self.on_all_ranks(|s| s.execute_sample(batch, rows))
     }
 }
