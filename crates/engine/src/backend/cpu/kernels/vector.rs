@@ -8,9 +8,9 @@ use super::Isa;
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len(), "dot of unequal lengths");
     match Isa::detect() {
-        // SAFETY: `detect` returned Avx2, so the CPU has AVX2, FMA and F16C.
+        // SAFETY: both ISAs `detect` returned here include AVX2, FMA and F16C.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { super::avx2::dot(a, b) },
+        Isa::Avx2 | Isa::Avx512Bf16 => unsafe { super::avx2::dot(a, b) },
         Isa::Scalar => super::matmul::scalar_dot(a, b),
     }
 }
@@ -21,7 +21,7 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     match Isa::detect() {
         // SAFETY: as in `dot`.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { super::avx2::axpy(alpha, x, y) },
+        Isa::Avx2 | Isa::Avx512Bf16 => unsafe { super::avx2::axpy(alpha, x, y) },
         Isa::Scalar => {
             for (y, x) in y.iter_mut().zip(x) {
                 *y = alpha.mul_add(*x, *y);
@@ -35,7 +35,7 @@ pub fn scale(alpha: f32, x: &mut [f32]) {
     match Isa::detect() {
         // SAFETY: as in `dot`.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { super::avx2::scale(alpha, x) },
+        Isa::Avx2 | Isa::Avx512Bf16 => unsafe { super::avx2::scale(alpha, x) },
         Isa::Scalar => x.iter_mut().for_each(|v| *v *= alpha),
     }
 }
