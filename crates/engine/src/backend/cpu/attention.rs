@@ -46,10 +46,17 @@ enum Kernel {
     /// The hand-written kernel in `avx2`.
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// The bf16 dot-product kernel in `avx512`, for bf16 caches.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Bf16,
 }
 
 impl Kernel {
-    fn detect(head_dim: usize) -> Kernel {
+    fn detect(head_dim: usize, bf16_cache: bool) -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if bf16_cache && kernels::has_avx512_bf16() && avx512::supports(head_dim) {
+            return Kernel::Avx512Bf16;
+        }
         #[cfg(target_arch = "x86_64")]
         if kernels::has_avx2_fma() {
             return if avx2::supports(head_dim) {
@@ -58,14 +65,15 @@ impl Kernel {
                 Kernel::Avx2Loops
             };
         }
-        let _ = head_dim;
+        let _ = (head_dim, bf16_cache);
         Kernel::Portable
     }
 }
 
 /// Writes `out[t, h * head_dim ..]` for every token row `t` of every sequence.
 pub(super) fn attention(a: &AttnArgs<'_>, out: &mut [f32], out_cols: usize) {
-    attention_with(Kernel::detect(a.head_dim), a, out, out_cols);
+    let bf16_cache = matches!(a.k_cache, KvData::Bf16(_));
+    attention_with(Kernel::detect(a.head_dim, bf16_cache), a, out, out_cols);
 }
 
 fn attention_with(kernel: Kernel, a: &AttnArgs<'_>, out: &mut [f32], out_cols: usize) {
@@ -96,6 +104,10 @@ fn attention_with(kernel: Kernel, a: &AttnArgs<'_>, out: &mut [f32], out_cols: u
             Kernel::Avx2Loops => unsafe { task_avx2(a, t, optr, out_cols) },
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { avx2::task(a, t, optr, out_cols) },
+            // SAFETY: `Kernel::detect` picks this only on CPUs with AVX-512 BF16, for bf16
+            // caches and head sizes it supports.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Bf16 => unsafe { avx512::task(a, t, optr, out_cols) },
         }
     };
     if tasks.len() == 1 {
@@ -104,6 +116,10 @@ fn attention_with(kernel: Kernel, a: &AttnArgs<'_>, out: &mut [f32], out_cols: u
         kernels::parallel_for(tasks.len(), run);
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[path = "attention_avx512.rs"]
+mod avx512;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -654,20 +670,44 @@ mod tests {
 
     const SHAPE: [(usize, usize); 6] = [(1, 1), (1, 37), (7, 40), (20, 20), (1, 16), (33, 70)];
 
+    /// The kernels this CPU can run for `hd` and the cache type, besides `Portable`.
+    fn fast_kernels(hd: usize, bf16: bool) -> Vec<Kernel> {
+        let mut v = vec![Kernel::detect(hd, false)];
+        if Kernel::detect(hd, bf16) != v[0] {
+            v.push(Kernel::detect(hd, bf16));
+        }
+        v.retain(|&k| k != Kernel::Portable);
+        v
+    }
+
+    /// How far a kernel may be from the f32 loops: rounding-level for the f32 kernels; for
+    /// the bf16 one, which rounds queries and softmax weights to bf16 (8 bits), about
+    /// 2⁻⁸ of the values' magnitude (1 here).
+    fn tolerance(kernel: Kernel) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Avx512Bf16 {
+            return 4e-3;
+        }
+        let _ = kernel;
+        2e-6
+    }
+
     #[test]
     fn fast_kernels_match_portable_loops() {
         for hd in [16, 24, 32, 64, 128] {
-            let kernel = Kernel::detect(hd);
-            for bs in [16, 12, 5] {
+            for bs in [16, 12, 5, 40] {
                 for bf16 in [false, true] {
                     let b = Batch::new(&SHAPE, hd, bs, bf16, hd as u64 + bs as u64);
                     let want = b.run(Kernel::Portable, &b.seqs);
-                    let got = b.run(kernel, &b.seqs);
-                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (g - w).abs() <= 2e-6,
-                            "{kernel:?} hd={hd} bs={bs} bf16={bf16} [{i}]: {g} vs {w}"
-                        );
+                    for kernel in fast_kernels(hd, bf16) {
+                        let got = b.run(kernel, &b.seqs);
+                        let tol = tolerance(kernel);
+                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - w).abs() <= tol,
+                                "{kernel:?} hd={hd} bs={bs} bf16={bf16} [{i}]: {g} vs {w}"
+                            );
+                        }
                     }
                 }
             }
@@ -676,20 +716,56 @@ mod tests {
 
     #[test]
     fn a_sequence_gives_the_same_bits_alone_and_in_a_batch() {
-        for hd in [16, 64] {
+        for hd in [16, 64, 128] {
             let b = Batch::new(&SHAPE, hd, 16, true, 5);
-            let kernel = Kernel::detect(hd);
-            let together = b.run(kernel, &b.seqs);
-            let cols = HEADS * hd;
-            for s in &b.seqs {
-                let alone = b.run(kernel, std::slice::from_ref(s));
-                let rows = s.q_start * cols..(s.q_start + s.q_len) * cols;
-                assert_eq!(
-                    alone[rows.clone()],
-                    together[rows],
-                    "hd={hd} seq at {}",
-                    s.q_start
-                );
+            for kernel in fast_kernels(hd, true) {
+                let together = b.run(kernel, &b.seqs);
+                let cols = HEADS * hd;
+                for s in &b.seqs {
+                    let alone = b.run(kernel, std::slice::from_ref(s));
+                    let rows = s.q_start * cols..(s.q_start + s.q_len) * cols;
+                    assert_eq!(
+                        alone[rows.clone()],
+                        together[rows],
+                        "{kernel:?} hd={hd} seq at {}",
+                        s.q_start
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_prompt_gives_the_same_bits_whole_and_in_chunks() {
+        // Rows 0..33 of a 70-token context at once, then as chunks of 20 and 13 (the
+        // second one seeing more of the cache), as chunked prefill runs them.
+        for hd in [64, 128] {
+            for bf16 in [false, true] {
+                let b = Batch::new(&[(33, 70)], hd, 16, bf16, 9);
+                let whole = &b.seqs[0];
+                let chunk = |q_start: usize, q_len: usize, ctx_len: usize| SeqSlice {
+                    q_start,
+                    q_len,
+                    ctx_len,
+                    block_table: whole.block_table.clone(),
+                };
+                let cols = HEADS * hd;
+                for kernel in fast_kernels(hd, bf16) {
+                    let want = b.run(kernel, &b.seqs);
+                    let first = b.run(kernel, &[chunk(0, 20, 57)]);
+                    let second = b.run(kernel, &[chunk(20, 13, 70)]);
+                    let split = 20 * cols;
+                    assert_eq!(
+                        first[..split],
+                        want[..split],
+                        "{kernel:?} hd={hd} bf16={bf16}"
+                    );
+                    assert_eq!(
+                        second[split..],
+                        want[split..],
+                        "{kernel:?} hd={hd} bf16={bf16}"
+                    );
+                }
             }
         }
     }

@@ -109,6 +109,18 @@ pub fn isa_name() -> &'static str {
     Isa::detect().name()
 }
 
+/// Whether the AVX-512 BF16 paths run on this CPU (and `SWITCHYARD_CPU_ISA` allows them).
+pub fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::detect() == Isa::Avx512Bf16
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the AVX2 + FMA paths run on this CPU (for kernels outside this module that
 /// compile a `#[target_feature]` twin of their loops).
 pub fn has_avx2_fma() -> bool {
