@@ -31,7 +31,7 @@ const RT: usize = 4;
 /// Head sizes this kernel takes: whole groups of 64 dims (4 accumulators per row), up to
 /// 256.
 pub(super) fn supports(head_dim: usize) -> bool {
-    head_dim % 64 == 0 && head_dim <= 256
+    head_dim.is_multiple_of(64) && head_dim <= 256
 }
 
 #[inline(always)]
