@@ -12,7 +12,7 @@ use crate::backend::SeqSlice;
 
 /// Query rows per task during prefill: enough work per task to amortise streaming K/V,
 /// small enough that a prompt spreads over the threads.
-const Q_CHUNK: usize = 16;
+const Q_CHUNK: usize = 32;
 
 pub(super) struct AttnArgs<'a> {
     pub seqs: &'a [SeqSlice],

@@ -82,7 +82,7 @@ pub(super) unsafe fn task(a: &AttnArgs<'_>, t: &Task, out: SharedMut, out_cols: 
     }
     let mut acc = vec![0f32; rows * hd];
     let mut m = vec![f32::NEG_INFINITY; rows];
-    let mut l = vec![0f32; rows];
+    let mut l = vec![0f32; rows * 16];
     let mut kt = vec![_mm512_setzero_si512(); hp];
     let mut vp = vec![_mm512_setzero_si512(); KEYS / 2 * 2 * zv];
     let mut pp = vec![0u32; rows * KEYS / 2];
@@ -124,7 +124,7 @@ pub(super) unsafe fn task(a: &AttnArgs<'_>, t: &Task, out: SharedMut, out_cols: 
                     key0,
                     nk,
                     m: m.as_mut_ptr().add(r),
-                    l: l.as_mut_ptr().add(r),
+                    l: l.as_mut_ptr().add(16 * r),
                     pp: pp.as_mut_ptr().add(r * KEYS / 2),
                     acc: acc.as_mut_ptr().add(r * hd),
                     hd,
@@ -147,7 +147,7 @@ pub(super) unsafe fn task(a: &AttnArgs<'_>, t: &Task, out: SharedMut, out_cols: 
             let r = i * group + g;
             // SAFETY: (token row, head h) belongs to this task alone.
             let o = out.slice(tok * out_cols + h * hd, hd);
-            let inv = 1.0 / l[r];
+            let inv = 1.0 / _mm512_reduce_add_ps(_mm512_loadu_ps(l.as_ptr().add(16 * r)));
             for x in 0..hd / 16 {
                 for lane in 0..16 {
                     o[dim_of(x, lane)] = acc[r * hd + 16 * x + lane] * inv;
@@ -242,8 +242,8 @@ struct Tile<'a> {
     pos: &'a [usize],
     key0: usize,
     nk: usize,
-    /// The rows' running maxima and sums, their weight pairs (8 each) and accumulators
-    /// (`hd` each).
+    /// The rows' running maxima, sums (16 lanes each), weight pairs (8 each) and
+    /// accumulators (`hd` each).
     m: *mut f32,
     l: *mut f32,
     pp: *mut u32,
@@ -275,12 +275,24 @@ impl Tile<'_> {
             let seen = (self.pos[i] - self.key0 + 1).min(self.nk);
             let neg = _mm512_set1_ps(f32::NEG_INFINITY);
             let sc = _mm512_mask_blend_ps(mask16(seen), neg, _mm512_add_ps(s[i][0], s[i][1]));
+            // The running maximum moves only when some score exceeds it (rarely, once the
+            // first blocks are in); until then the correction is exactly 1.
             let m_old = *self.m.add(i);
-            let m_new = m_old.max(_mm512_reduce_max_ps(sc));
+            let grows = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(sc, _mm512_set1_ps(m_old));
+            let m_new = if grows == 0 {
+                corr[i] = 1.0;
+                m_old
+            } else {
+                let m_new = _mm512_reduce_max_ps(sc);
+                let c = exp_nonpositive(_mm512_set1_ps(m_old - m_new));
+                corr[i] = _mm512_cvtss_f32(c);
+                m_new
+            };
             let e = exp_nonpositive(_mm512_sub_ps(sc, _mm512_set1_ps(m_new)));
-            let c = exp_nonpositive(_mm512_set1_ps(m_old - m_new));
-            corr[i] = _mm512_cvtss_f32(c);
-            *self.l.add(i) = (*self.l.add(i)).mul_add(corr[i], _mm512_reduce_add_ps(e));
+            // Sums stay per lane until the task ends.
+            let lp = self.l.add(16 * i);
+            let lv = _mm512_loadu_ps(lp);
+            _mm512_storeu_ps(lp, _mm512_fmadd_ps(lv, _mm512_set1_ps(corr[i]), e));
             *self.m.add(i) = m_new;
             let pairs = to_i(_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), e));
             _mm512_mask_storeu_epi32(self.pp.add(i * KEYS / 2).cast(), 0x00FF, pairs);
@@ -294,7 +306,10 @@ impl Tile<'_> {
                 let cv = _mm512_set1_ps(corr[i]);
                 for x in 0..4 {
                     let ap = self.acc.add(i * self.hd + 16 * (x0 + x));
-                    va[i][x] = _mm512_mul_ps(_mm512_loadu_ps(ap), cv);
+                    va[i][x] = _mm512_loadu_ps(ap);
+                    if corr[i] != 1.0 {
+                        va[i][x] = _mm512_mul_ps(va[i][x], cv);
+                    }
                 }
             }
             for j in 0..npairs {
