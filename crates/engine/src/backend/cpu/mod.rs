@@ -34,6 +34,64 @@ impl CpuAct {
     }
 }
 
+impl Drop for CpuAct {
+    fn drop(&mut self) {
+        recycle::give(std::mem::take(&mut self.data));
+    }
+}
+
+/// Activation buffers of finished steps, reused by later steps on the same thread. A long
+/// prefill step's buffers are tens of MB; allocated afresh, every step paid the kernel's
+/// page faults for them (≈3% of a prefill's time on Zen 4).
+mod recycle {
+    use std::cell::RefCell;
+
+    /// At most this many buffers, and this many bytes, are kept per thread.
+    const MAX_BUFFERS: usize = 16;
+    const MAX_BYTES: usize = 512 << 20;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// `len` zeros, in the smallest kept buffer that holds them if there is one.
+    pub(super) fn take(len: usize) -> Vec<f32> {
+        let kept = FREE
+            .try_with(|f| {
+                let mut f = f.borrow_mut();
+                let best = (0..f.len())
+                    .filter(|&i| f[i].capacity() >= len)
+                    .min_by_key(|&i| f[i].capacity())?;
+                Some(f.swap_remove(best))
+            })
+            .ok()
+            .flatten();
+        match kept {
+            Some(mut v) => {
+                v.clear();
+                v.resize(len, 0.0);
+                v
+            }
+            None => vec![0.0; len],
+        }
+    }
+
+    /// Keeps `v` for a later `take` if the limits allow, else frees it.
+    pub(super) fn give(v: Vec<f32>) {
+        if v.capacity() == 0 {
+            return;
+        }
+        // During thread teardown the list may already be gone; `v` is then just freed.
+        let _ = FREE.try_with(|f| {
+            let mut f = f.borrow_mut();
+            let bytes: usize = f.iter().map(|b| 4 * b.capacity()).sum();
+            if f.len() < MAX_BUFFERS && bytes + 4 * v.capacity() <= MAX_BYTES {
+                f.push(v);
+            }
+        });
+    }
+}
+
 /// One layer's K or V values.
 pub(crate) enum KvData {
     F32(Vec<f32>),
@@ -357,7 +415,7 @@ impl Backend for CpuBackend {
         CpuAct {
             rows,
             cols,
-            data: vec![0.0; rows * cols],
+            data: recycle::take(rows * cols),
         }
     }
 
