@@ -43,6 +43,8 @@ pub struct DecodeRow {
 pub struct EngineBenchReport {
     pub model: String,
     pub threads: usize,
+    /// The CPU kernels' instruction set (`SWITCHYARD_CPU_ISA` names).
+    pub isa: String,
     pub weight_bytes: usize,
     pub bytes_per_decode_step: usize,
     pub memory_bandwidth_gbs: f64,
@@ -179,6 +181,7 @@ pub fn run_on<B: Backend>(
     Ok(EngineBenchReport {
         model: opts.model.display().to_string(),
         threads: kernels::num_threads(),
+        isa: kernels::isa_name().to_string(),
         weight_bytes,
         bytes_per_decode_step: bytes_per_step,
         memory_bandwidth_gbs: bw,
@@ -215,7 +218,7 @@ fn param_count(c: &engine::model::ModelConfig) -> usize {
 }
 
 pub fn print_table(r: &EngineBenchReport) {
-    println!("model: {}  threads: {}", r.model, r.threads);
+    println!("model: {}  threads: {}  isa: {}", r.model, r.threads, r.isa);
     println!(
         "weights: {:.1} MB, read per decode step: {:.1} MB, memory bandwidth: {:.1} GB/s",
         r.weight_bytes as f64 / 1e6,
