@@ -34,7 +34,9 @@ const CHUNKS_PER_THREAD: usize = 4;
 const GEMM_KC: usize = 512;
 /// Activation rows per GEMM row block: 96 × `GEMM_KC` f32 is 192 KB, which stays in L2
 /// while the panels of a thread's share pass over it. At m = 2048 (a prefill step) on one
-/// thread: 93 GFLOP/s, against 69 with no row blocks and 87–88 with 48 or 192 rows.
+/// thread: 93 GFLOP/s, against 69 with no row blocks and 87–88 with 48 or 192 rows. The
+/// AVX-512 BF16 path uses it too (48 KB of bf16 pairs per `BF16_KC_PAIRS` block): on two
+/// Zen 4 threads 48, 192 and 384 rows were no faster at m = 512 or 2,048.
 const GEMM_MC: usize = 96;
 /// GEMM register tile: `GEMM_MR` activation rows × `8·GEMM_NV` weight rows, 6 × 16 =
 /// 12 accumulators + 2 weight vectors + 1 broadcast = 15 of AVX2's 16 registers. (4 × 24
@@ -48,7 +50,7 @@ const BF16_MR: usize = 6;
 const BF16_NV: usize = 4;
 const BF16_NR: usize = 16 * BF16_NV;
 /// `k` block of the BF16 GEMM, in pairs: 128 pairs × 64 weight rows × 4 bytes = 32 KB of
-/// panel per block.
+/// panel per block. 64 and 256 measured the same within noise on Zen 4 (m = 32 and 512).
 const BF16_KC_PAIRS: usize = 128;
 
 /// The output pointer shared by the threads of one call. Each thread writes only the
@@ -202,21 +204,23 @@ mod x86 {
     /// every thread busy.
     struct Grid {
         m: usize,
-        mc: usize,
+        mr: usize,
+        /// Whole `mr`-row tiles, the last one possibly short.
+        tiles: usize,
         m_blocks: usize,
         panels: usize,
         groups: usize,
     }
 
     fn grid(m: usize, mr: usize, panels: usize) -> Grid {
+        let tiles = m.div_ceil(mr);
         let m_blocks = m.div_ceil(GEMM_MC);
-        let mc = m.div_ceil(m_blocks).next_multiple_of(mr);
-        let m_blocks = m.div_ceil(mc);
         let want = num_threads() * CHUNKS_PER_THREAD;
         let groups = want.div_ceil(m_blocks).min(panels);
         Grid {
             m,
-            mc,
+            mr,
+            tiles,
             m_blocks,
             panels,
             groups,
@@ -231,7 +235,10 @@ mod x86 {
         /// Task `u`'s activation rows and panels.
         fn task(&self, u: usize) -> ((usize, usize), (usize, usize)) {
             let (mb, g) = (u / self.groups, u % self.groups);
-            let rows = (mb * self.mc, (mb * self.mc + self.mc).min(self.m));
+            // Whole tiles shared out evenly, so no row block is much shorter than the
+            // others (a short last block left one thread idle at the end of every call).
+            let tile = |b: usize| (self.tiles * b / self.m_blocks * self.mr).min(self.m);
+            let rows = (tile(mb), tile(mb + 1));
             let p = self.panels;
             (rows, (p * g / self.groups, p * (g + 1) / self.groups))
         }
