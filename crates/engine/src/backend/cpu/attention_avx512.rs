@@ -85,7 +85,6 @@ pub(super) unsafe fn task(a: &AttnArgs<'_>, t: &Task, out: SharedMut, out_cols: 
     let mut l = vec![0f32; rows * 16];
     let mut kt = vec![_mm512_setzero_si512(); hp];
     let mut vp = vec![_mm512_setzero_si512(); KEYS / 2 * 2 * zv];
-    let mut pp = vec![0u32; rows * KEYS / 2];
     let last_pos = seq.ctx_len - seq.q_len + t.q1 - 1;
     let num_blocks = (last_pos + 1).div_ceil(bs);
     let block = |b: usize| {
@@ -125,7 +124,6 @@ pub(super) unsafe fn task(a: &AttnArgs<'_>, t: &Task, out: SharedMut, out_cols: 
                     nk,
                     m: m.as_mut_ptr().add(r),
                     l: l.as_mut_ptr().add(16 * r),
-                    pp: pp.as_mut_ptr().add(r * KEYS / 2),
                     acc: acc.as_mut_ptr().add(r * hd),
                     hd,
                 };
@@ -242,11 +240,9 @@ struct Tile<'a> {
     pos: &'a [usize],
     key0: usize,
     nk: usize,
-    /// The rows' running maxima, sums (16 lanes each), weight pairs (8 each) and
-    /// accumulators (`hd` each).
+    /// The rows' running maxima, sums (16 lanes each) and accumulators (`hd` each).
     m: *mut f32,
     l: *mut f32,
-    pp: *mut u32,
     acc: *mut f32,
     hd: usize,
 }
@@ -270,6 +266,10 @@ impl Tile<'_> {
             p += 2;
         }
         let mut corr = [0f32; R];
+        // Each row's softmax weights as 8 bf16 pairs (lanes 0..8), kept in registers: the
+        // value loop broadcasts from here (a broadcast load of a just-stored vector
+        // waits on store forwarding).
+        let mut pw = [_mm512_setzero_si512(); R];
         for i in 0..R {
             // Keys this row may see: key0 ≤ pos, so at least the first.
             let seen = (self.pos[i] - self.key0 + 1).min(self.nk);
@@ -294,8 +294,7 @@ impl Tile<'_> {
             let lv = _mm512_loadu_ps(lp);
             _mm512_storeu_ps(lp, _mm512_fmadd_ps(lv, _mm512_set1_ps(corr[i]), e));
             *self.m.add(i) = m_new;
-            let pairs = to_i(_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), e));
-            _mm512_mask_storeu_epi32(self.pp.add(i * KEYS / 2).cast(), 0x00FF, pairs);
+            pw[i] = to_i(_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), e));
         }
         // Values, 64 dims (four vectors) per row at a time.
         let (per_key, npairs) = (self.hd / 16, self.nk.div_ceil(2));
@@ -314,8 +313,9 @@ impl Tile<'_> {
             }
             for j in 0..npairs {
                 let v = &vp[j * per_key + x0..j * per_key + x0 + 4];
+                let lane = _mm512_set1_epi32(j as i32);
                 for i in 0..R {
-                    let w = _mm512_set1_epi32(*self.pp.add(i * KEYS / 2 + j) as i32);
+                    let w = _mm512_permutexvar_epi32(lane, pw[i]);
                     for x in 0..4 {
                         va[i][x] = dp(va[i][x], w, v[x]);
                     }
