@@ -8,8 +8,8 @@ use std::time::Instant;
 use anyhow::Result;
 use engine::backend::cpu::{kernels, CpuBackend};
 use engine::backend::Backend;
-use engine::core::{GenerateRequest, LlmEngine};
-use engine::model::{build_engine, EngineOptions, ModelExecutor};
+use engine::core::{Executor, GenerateRequest, LlmEngine};
+use engine::model::{build_engine, build_tp_engine, EngineOptions, ModelConfig, ModelExecutor};
 use serde::Serialize;
 
 #[derive(Clone, Debug)]
@@ -45,6 +45,8 @@ pub struct EngineBenchReport {
     pub threads: usize,
     /// The CPU kernels' instruction set (`SWITCHYARD_CPU_ISA` names).
     pub isa: String,
+    /// Tensor-parallel ranks the model is sharded over.
+    pub tensor_parallel: usize,
     pub weight_bytes: usize,
     pub bytes_per_decode_step: usize,
     pub memory_bandwidth_gbs: f64,
@@ -54,20 +56,16 @@ pub struct EngineBenchReport {
     pub decode: Vec<DecodeRow>,
 }
 
-fn load<B: Backend>(
-    opts: &EngineBenchOptions,
-    backend: B,
-    kv_tokens: usize,
-) -> Result<LlmEngine<ModelExecutor<B>>> {
-    let eopts = EngineOptions {
-        // Room for every sequence at once: this measures compute, not preemption.
+/// How the benchmark sizes its engine: room for every sequence at once (this measures
+/// compute, not preemption) and no prefix caching.
+fn engine_options(kv_tokens: usize) -> EngineOptions {
+    EngineOptions {
         num_blocks: Some(kv_tokens.div_ceil(16) + 64),
         max_batched_tokens: 2048,
         max_num_seqs: 1024,
         enable_prefix_caching: false,
         ..EngineOptions::default()
-    };
-    Ok(build_engine(&opts.model, backend, &eopts, &mut |_, _| {})?)
+    }
 }
 
 /// A greedy request for `len` deterministic prompt tokens that ignores EOS.
@@ -96,13 +94,58 @@ pub fn run_on<B: Backend>(
     backend: B,
     memory_bandwidth_gbs: f64,
 ) -> Result<EngineBenchReport> {
+    let mut eng = build_engine(
+        &opts.model,
+        backend,
+        &engine_options(kv_tokens(opts)),
+        &mut |_, _| {},
+    )?;
+    let model = eng.executor().model();
+    let (cfg, weight_bytes) = (model.config().clone(), model.weight_bytes());
+    run_with(opts, &mut eng, cfg, weight_bytes, 1, memory_bandwidth_gbs)
+}
+
+/// Runs the benchmark on one engine sharded over `backends` (tensor parallelism, one rank
+/// each, their all-reduce already joined). `memory_bandwidth_gbs` is all ranks' together.
+pub fn run_tp_on<B: Backend>(
+    opts: &EngineBenchOptions,
+    backends: Vec<B>,
+    memory_bandwidth_gbs: f64,
+) -> Result<EngineBenchReport>
+where
+    ModelExecutor<B>: Send,
+{
+    let ranks = backends.len();
+    let eopts = engine_options(kv_tokens(opts));
+    let mut eng = build_tp_engine(&opts.model, backends, &eopts, &mut |_, _| {})?;
+    let model = eng.executor().shard(0).model();
+    let (cfg, weight_bytes) = (model.config().clone(), model.weight_bytes());
+    run_with(
+        opts,
+        &mut eng,
+        cfg,
+        weight_bytes,
+        ranks,
+        memory_bandwidth_gbs,
+    )
+}
+
+/// Tokens of KV cache the runs need at once.
+fn kv_tokens(opts: &EngineBenchOptions) -> usize {
     let max_batch = opts.batch_sizes.iter().copied().max().unwrap_or(1);
-    let kv_tokens = (max_batch * (opts.prompt_len + opts.decode_tokens + 1))
-        .max(opts.prefill_prompts * (opts.prefill_len + 2));
-    let mut eng = load(opts, backend, kv_tokens)?;
-    let cfg = eng.executor().model().config().clone();
+    (max_batch * (opts.prompt_len + opts.decode_tokens + 1))
+        .max(opts.prefill_prompts * (opts.prefill_len + 2))
+}
+
+fn run_with<E: Executor>(
+    opts: &EngineBenchOptions,
+    eng: &mut LlmEngine<E>,
+    cfg: ModelConfig,
+    weight_bytes: usize,
+    ranks: usize,
+    memory_bandwidth_gbs: f64,
+) -> Result<EngineBenchReport> {
     let vocab = cfg.vocab_size;
-    let weight_bytes = eng.executor().model().weight_bytes();
     // A decode step reads every weight but the embedding table (one row of it at most);
     // a tied table is read once as the output layer.
     let embed_bytes = cfg.vocab_size * cfg.hidden_size * elem_bytes(weight_bytes, &cfg);
@@ -182,6 +225,7 @@ pub fn run_on<B: Backend>(
         model: opts.model.display().to_string(),
         threads: kernels::num_threads(),
         isa: kernels::isa_name().to_string(),
+        tensor_parallel: ranks,
         weight_bytes,
         bytes_per_decode_step: bytes_per_step,
         memory_bandwidth_gbs: bw,
@@ -218,7 +262,10 @@ fn param_count(c: &engine::model::ModelConfig) -> usize {
 }
 
 pub fn print_table(r: &EngineBenchReport) {
-    println!("model: {}  threads: {}  isa: {}", r.model, r.threads, r.isa);
+    println!(
+        "model: {}  threads: {}  isa: {}  tensor parallel: {}",
+        r.model, r.threads, r.isa, r.tensor_parallel
+    );
     println!(
         "weights: {:.1} MB, read per decode step: {:.1} MB, memory bandwidth: {:.1} GB/s",
         r.weight_bytes as f64 / 1e6,

@@ -8,9 +8,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use engine::backend::cpu::{kernels, CpuBackend};
 use engine::backend::cuda::{CudaBackend, CudaOptions};
-use engine::backend::Backend;
-use engine::core::{EngineHandle, GenerateRequest, HandleOptions, LlmEngine, SamplingParams};
-use engine::model::{build_engine, EngineOptions, ModelExecutor};
+use engine::core::{
+    EngineHandle, Executor, GenerateRequest, HandleOptions, LlmEngine, SamplingParams,
+};
+use engine::model::{
+    build_cpu_tp_engine, build_engine, build_tp_engine, cpu_tp_backends, EngineOptions, ModelError,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::models;
@@ -27,9 +30,24 @@ pub enum Device {
 pub struct DeviceArgs {
     #[arg(long, value_enum, default_value_t = Device::Cpu, env = "SWITCHYARD_DEVICE")]
     pub device: Device,
-    /// CUDA device ordinal.
+    /// CUDA device ordinal (the first rank's with --tp above 1: the ranks take it and the
+    /// ordinals after it).
     #[arg(long, default_value_t = 0, env = "SWITCHYARD_CUDA_DEVICE")]
     pub cuda_device: usize,
+    /// CUDA device ordinals of the ranks, comma separated (e.g. 2,3): one per rank, in
+    /// rank order. Sets --tp to their count.
+    #[arg(
+        long,
+        env = "SWITCHYARD_CUDA_DEVICES",
+        value_delimiter = ',',
+        conflicts_with = "cuda_device"
+    )]
+    pub cuda_devices: Option<Vec<usize>>,
+    /// Tensor-parallel ranks: with --device cuda, one GPU each joined by NCCL; on the CPU,
+    /// an emulation that runs the same sharded math with no speed-up.
+    #[arg(long, env = "SWITCHYARD_TP", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub tp: u16,
     /// Fraction of GPU memory for weights, KV cache and activations (cuda only).
     #[arg(long, default_value_t = 0.9, env = "SWITCHYARD_GPU_MEMORY_UTILIZATION")]
     pub gpu_memory_utilization: f32,
@@ -39,9 +57,54 @@ impl DeviceArgs {
     /// Opens the GPU; a missing driver or library is one line of error.
     pub fn cuda_backend(&self) -> Result<CudaBackend> {
         Ok(CudaBackend::new(CudaOptions {
-            device: self.cuda_device,
+            device: self.cuda_devices()?[0],
             gpu_memory_utilization: self.gpu_memory_utilization,
         })?)
+    }
+
+    /// The number of tensor-parallel ranks, checked against --cuda-devices.
+    pub fn ranks(&self) -> Result<usize> {
+        let tp = usize::from(self.tp);
+        match &self.cuda_devices {
+            None => Ok(tp),
+            Some(_) if self.device != Device::Cuda => {
+                anyhow::bail!("--cuda-devices needs --device cuda")
+            }
+            Some(list) if list.is_empty() => anyhow::bail!("--cuda-devices is empty"),
+            Some(list) if tp > 1 && tp != list.len() => anyhow::bail!(
+                "--tp {tp} does not match --cuda-devices, which lists {} GPUs",
+                list.len()
+            ),
+            Some(list) => {
+                let mut seen = list.clone();
+                seen.sort_unstable();
+                if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+                    anyhow::bail!("--cuda-devices lists GPU {} twice", w[0]);
+                }
+                Ok(list.len())
+            }
+        }
+    }
+
+    /// The CUDA ordinal of every rank, in rank order.
+    pub fn cuda_devices(&self) -> Result<Vec<usize>> {
+        let ranks = self.ranks()?;
+        Ok(match &self.cuda_devices {
+            Some(list) => list.clone(),
+            None => (self.cuda_device..self.cuda_device + ranks).collect(),
+        })
+    }
+
+    /// One CUDA backend per rank, their all-reduce joined (NCCL).
+    pub fn cuda_tp_group(&self) -> Result<Vec<CudaBackend>> {
+        let devices = self.cuda_devices()?;
+        Ok(CudaBackend::tp_group(
+            CudaOptions {
+                device: devices[0],
+                gpu_memory_utilization: self.gpu_memory_utilization,
+            },
+            &devices,
+        )?)
     }
 }
 
@@ -293,13 +356,13 @@ impl LoadProgress {
     }
 }
 
-fn load_engine<B: Backend>(
+/// Loads `dir` with a progress bar.
+fn load_with<E: Executor>(
     dir: &Path,
-    backend: B,
-    opts: &EngineOptions,
-) -> Result<LlmEngine<ModelExecutor<B>>> {
+    load: impl FnOnce(&mut dyn FnMut(usize, usize)) -> Result<LlmEngine<E>, ModelError>,
+) -> Result<LlmEngine<E>> {
     let mut progress = LoadProgress::new();
-    let eng = build_engine(dir, backend, opts, &mut |d, t| progress.update(d, t))
+    let eng = load(&mut |d, t| progress.update(d, t))
         .with_context(|| format!("loading {}", dir.display()))?;
     progress.finish();
     Ok(eng)
@@ -311,20 +374,30 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let dir = models::resolve(args.model.clone())?;
     let opts = EngineOptions::default();
-    match args.device.device {
-        Device::Cpu => generate_on(args, load_engine(&dir, CpuBackend::new(), &opts)?, &dir),
-        Device::Cuda => {
+    let ranks = args.device.ranks()?;
+    match (args.device.device, ranks) {
+        (Device::Cpu, 1) => {
+            let eng = load_with(&dir, |p| build_engine(&dir, CpuBackend::new(), &opts, p))?;
+            generate_on(args, eng, &dir)
+        }
+        (Device::Cpu, n) => {
+            let eng = load_with(&dir, |p| build_cpu_tp_engine(&dir, n, &opts, p))?;
+            generate_on(args, eng, &dir)
+        }
+        (Device::Cuda, 1) => {
             let backend = args.device.cuda_backend()?;
-            generate_on(args, load_engine(&dir, backend, &opts)?, &dir)
+            let eng = load_with(&dir, |p| build_engine(&dir, backend, &opts, p))?;
+            generate_on(args, eng, &dir)
+        }
+        (Device::Cuda, _) => {
+            let backends = args.device.cuda_tp_group()?;
+            let eng = load_with(&dir, |p| build_tp_engine(&dir, backends, &opts, p))?;
+            generate_on(args, eng, &dir)
         }
     }
 }
 
-fn generate_on<B: Backend>(
-    args: GenerateArgs,
-    eng: LlmEngine<ModelExecutor<B>>,
-    dir: &Path,
-) -> Result<()> {
+fn generate_on<E: Executor>(args: GenerateArgs, eng: LlmEngine<E>, dir: &Path) -> Result<()> {
     let tokenizer = tokens::Tokenizer::from_dir(dir)?;
     let prompt_ids = tokenizer.encode(&args.prompt, true)?;
     let handle = EngineHandle::spawn(eng, HandleOptions::default());
@@ -409,20 +482,34 @@ pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
         prefill_len: args.prefill_len,
         threads: args.threads,
     };
+    let ranks = args.device.ranks()?;
     let report = match args.device.device {
-        Device::Cpu => match args.memory_bandwidth_gbs {
-            Some(bw) => {
-                if let Some(n) = opts.threads {
-                    kernels::set_num_threads(n);
-                }
-                bench::engine_bench::run_on(&opts, CpuBackend::new(), bw)?
+        Device::Cpu => {
+            if let Some(n) = opts.threads {
+                kernels::set_num_threads(n);
             }
-            None => bench::engine_bench::run(&opts)?,
-        },
-        Device::Cuda => {
+            let bw = match args.memory_bandwidth_gbs {
+                Some(bw) => bw,
+                None => kernels::measure_read_bandwidth_gbs(),
+            };
+            if ranks == 1 {
+                bench::engine_bench::run_on(&opts, CpuBackend::new(), bw)?
+            } else {
+                bench::engine_bench::run_tp_on(&opts, cpu_tp_backends(ranks), bw)?
+            }
+        }
+        Device::Cuda if ranks == 1 => {
             let backend = args.device.cuda_backend()?;
             let bw = args.memory_bandwidth_gbs.unwrap_or(H100_COPY_GBS);
             bench::engine_bench::run_on(&opts, backend, bw)?
+        }
+        Device::Cuda => {
+            let backends = args.device.cuda_tp_group()?;
+            // Each rank reads its shard from its own GPU's memory.
+            let bw = args
+                .memory_bandwidth_gbs
+                .unwrap_or(H100_COPY_GBS * ranks as f64);
+            bench::engine_bench::run_tp_on(&opts, backends, bw)?
         }
     };
     bench::engine_bench::print_table(&report);
@@ -574,6 +661,9 @@ pub fn bench_profile(args: BenchProfileArgs) -> Result<()> {
     }
     if args.repeats == 0 || args.kv_tokens == 0 {
         anyhow::bail!("--repeats and --kv-tokens must be at least 1");
+    }
+    if args.device.ranks()? > 1 {
+        anyhow::bail!("--tp above 1 is not supported by bench profile (profile one rank's GPU)");
     }
     let opts = bench::profile_bench::ProfileBenchOptions {
         model: models::resolve(args.model)?,

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use engine::backend::cpu::{kernels, CpuBackend};
-use engine::backend::cuda::{CudaBackend, CudaOptions};
 use engine::core::{EngineConfig, EngineHandle, Executor, HandleOptions, LlmEngine};
 use engine::model::{build_cpu_tp_engine, build_engine, build_tp_engine, EngineOptions};
 use frontend::{Frontend, FrontendConfig, ModelService};
@@ -78,12 +77,6 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_INSTANCES", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     instances: u32,
-    /// Tensor-parallel ranks of the instance: with --device cuda, GPUs --cuda-device to
-    /// --cuda-device + N - 1 joined by NCCL (graphs off for now); on the CPU, an emulation
-    /// that runs the same sharded math with no speed-up.
-    #[arg(long, env = "SWITCHYARD_TP", default_value_t = 1,
-          value_parser = clap::value_parser!(u16).range(1..=64))]
-    tp: u16,
     /// How the router picks an instance: kv (cached prefix against load), round-robin,
     /// random or least-loaded.
     #[arg(long, env = "SWITCHYARD_ROUTER_MODE", default_value = "kv",
@@ -147,7 +140,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if !(args.mock_speedup.is_finite() && args.mock_speedup > 0.0) {
         anyhow::bail!("--mock-speedup must be > 0, got {}", args.mock_speedup);
     }
-    if args.tp > 1 && (args.engine == EngineKind::Mock || args.instances > 1) {
+    let ranks = args.device.ranks()?;
+    if ranks > 1 && (args.engine == EngineKind::Mock || args.instances > 1) {
         anyhow::bail!("--tp above 1 needs --engine model and one instance (--instances 1)");
     }
     if args.device.device == Device::Cuda && args.instances > 1 && args.engine == EngineKind::Model
@@ -230,7 +224,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 ..HandleOptions::default()
             },
             instances: args.instances as usize,
-            tp: usize::from(args.tp),
+            tp: args.device.ranks()?,
             engine: args.engine,
             mock_speedup: args.mock_speedup,
             mock_profile: args.mock_profile.clone(),
@@ -359,17 +353,11 @@ fn start_instance(
                 .with_context(|| format!("loading {}", dir.display()))
         }),
         (EngineKind::Model, Device::Cuda) if plan.tp > 1 => {
-            let first = plan.device.cuda_device;
-            let devices: Vec<usize> = (first..first + plan.tp).collect();
-            let backends = CudaBackend::tp_group(
-                CudaOptions {
-                    device: first,
-                    gpu_memory_utilization: plan.device.gpu_memory_utilization,
-                },
-                &devices,
-            )?;
+            let devices = plan.device.cuda_devices()?;
+            let backends = plan.device.cuda_tp_group()?;
             tracing::info!("tensor parallel over CUDA devices {devices:?} (NCCL)");
-            let device = format!("cuda:{first}..{} (tp {})", first + plan.tp - 1, plan.tp);
+            let list: Vec<String> = devices.iter().map(usize::to_string).collect();
+            let device = format!("cuda:{} (tp {})", list.join(","), plan.tp);
             start_loaded(plan, device, |progress| {
                 build_tp_engine(dir, backends, &plan.opts, progress)
                     .with_context(|| format!("loading {} over devices {devices:?}", dir.display()))
@@ -378,12 +366,9 @@ fn start_instance(
         (EngineKind::Model, Device::Cuda) => {
             // A missing driver or library is one line of error here, before any loading.
             let backend = plan.device.cuda_backend()?;
-            tracing::info!(
-                "CUDA device {}: {}",
-                plan.device.cuda_device,
-                backend.describe()
-            );
-            let device = format!("cuda:{}", plan.device.cuda_device);
+            let ordinal = plan.device.cuda_devices()?[0];
+            tracing::info!("CUDA device {ordinal}: {}", backend.describe());
+            let device = format!("cuda:{ordinal}");
             start_loaded(plan, device, |progress| {
                 build_engine(dir, backend, &plan.opts, progress)
                     .with_context(|| format!("loading {}", dir.display()))

@@ -190,6 +190,11 @@ where
         self.shards.len()
     }
 
+    /// Rank `rank`'s executor (its model holds that rank's shard).
+    pub fn shard(&self, rank: usize) -> &ModelExecutor<B> {
+        &self.shards[rank]
+    }
+
     /// Runs `f` on every rank at once (their all-reduces pair up) and returns rank 0's
     /// result; after the all-reduces every rank holds the same logits.
     fn on_all_ranks<T>(&mut self, f: impl Fn(&mut ModelExecutor<B>) -> T + Sync) -> T {
@@ -245,11 +250,16 @@ pub fn build_cpu_tp_engine(
     opts: &EngineOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LlmEngine<CpuTpExecutor>, ModelError> {
+    build_tp_engine(dir, cpu_tp_backends(world), opts, progress)
+}
+
+/// `world` CPU backends (at least one), rank `r` at index `r`, joined by one in-process
+/// all-reduce.
+pub fn cpu_tp_backends(world: usize) -> Vec<CpuBackend> {
     let comm = CpuComm::new(world.max(1));
-    let backends = (0..world.max(1))
+    (0..world.max(1))
         .map(|rank| CpuBackend::with_comm(rank, comm.clone()))
-        .collect();
-    build_tp_engine(dir, backends, opts, progress)
+        .collect()
 }
 
 /// Loads `dir` as one tensor-parallel shard per backend (`backends[r]` is rank `r`, its

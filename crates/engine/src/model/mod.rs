@@ -11,8 +11,8 @@ use std::path::PathBuf;
 
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use executor::{
-    build_cpu_tp_engine, build_engine, build_tp_engine, CpuTpExecutor, EngineOptions,
-    ModelExecutor, TpExecutor,
+    build_cpu_tp_engine, build_engine, build_tp_engine, cpu_tp_backends, CpuTpExecutor,
+    EngineOptions, ModelExecutor, TpExecutor,
 };
 pub use forward::Model;
 pub use shard::TpShard;
