@@ -138,6 +138,7 @@ pub(super) unsafe fn task(a: &AttnArgs<'_>, t: &Task, out: SharedMut, out_cols: 
             j0 += nk;
         }
     }
+    let unpermute = [unpermute_index(0), unpermute_index(1)];
     for i in 0..t.q1 - t.q0 {
         let tok = seq.q_start + t.q0 + i;
         for g in 0..group {
@@ -146,13 +147,35 @@ pub(super) unsafe fn task(a: &AttnArgs<'_>, t: &Task, out: SharedMut, out_cols: 
             // SAFETY: (token row, head h) belongs to this task alone.
             let o = out.slice(tok * out_cols + h * hd, hd);
             let inv = 1.0 / _mm512_reduce_add_ps(_mm512_loadu_ps(l.as_ptr().add(16 * r)));
-            for x in 0..hd / 16 {
-                for lane in 0..16 {
-                    o[dim_of(x, lane)] = acc[r * hd + 16 * x + lane] * inv;
+            let inv = _mm512_set1_ps(inv);
+            // Vectors 2c and 2c + 1 hold dims 32c .. 32c + 32 (`dim_of`); put them in order.
+            for c in 0..hd / 32 {
+                let a = acc.as_ptr().add(r * hd + 32 * c);
+                let (v0, v1) = (_mm512_loadu_ps(a), _mm512_loadu_ps(a.add(16)));
+                for (half, idx) in unpermute.iter().enumerate() {
+                    let v = _mm512_permutex2var_ps(v0, *idx, v1);
+                    _mm512_storeu_ps(
+                        o.as_mut_ptr().add(32 * c + 16 * half),
+                        _mm512_mul_ps(v, inv),
+                    );
                 }
             }
         }
     }
+}
+
+/// For dims `32c + 16·half ..` `+ 16`, their lanes in the accumulator vectors 2c, 2c + 1
+/// (numbered 0..32 across the pair, as `permutex2var` takes them): the inverse of `dim_of`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn unpermute_index(half: usize) -> __m512i {
+    let mut lane_of = [0i32; 32];
+    for x in 0..2 {
+        for lane in 0..16 {
+            lane_of[dim_of(x, lane)] = (16 * x + lane) as i32;
+        }
+    }
+    _mm512_loadu_si512(lane_of[16 * half..].as_ptr().cast())
 }
 
 #[inline(always)]
