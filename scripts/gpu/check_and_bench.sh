@@ -14,7 +14,9 @@
 # profile, $OUT/profile-h100-8b.json), nccl (`nccl_check`: an all-reduce over every GPU
 # through NCCL, checked and timed; needs BIN_DIR/nccl_check and 2 GPUs or more), tp
 # (`tp_check`: TP=$TP (default 2) against TP=1, greedy agreement and decode throughput, on
-# the small and 8b synth models; needs BIN_DIR/tp_check and that many GPUs)
+# the small and 8b synth models; needs BIN_DIR/tp_check and that many GPUs), clitp
+# (`generate` and `bench engine` on the GPUs `--cuda-devices 0..TP-1` lists: the same greedy
+# tokens as one GPU; TP defaults to 1 here)
 # (default: check synth bench eager cublas cli serve). Logs go to $OUT (or
 # /tmp/switchyard-gpu); tables print last.
 set -uo pipefail
@@ -108,6 +110,28 @@ for stage in $STAGES; do
             echo "== $m" | tee -a "$LOG/tp.log"
             "$BIN/tp_check" "$m" "${TP:-2}" 1 64 2>&1 | tee -a "$LOG/tp.log" || rc=1
         done ;;
+    clitp)
+        # The CLI's GPU selection on the small synth model: `generate` on the GPUs that
+        # --cuda-devices lists against one GPU (TP ${TP:-1}; with TP 1 the same GPU must
+        # give the same tokens, with more ranks bf16 partial sums may part them after a
+        # while: the agreeing prefix is printed), then `bench engine` on the same GPUs.
+        MSMALL=${MSMALL:-/tmp/msmall}
+        [ -f "$MSMALL/config.json" ] || "$BIN/switchyard" model synth --size small --out "$MSMALL" >/dev/null
+        devs=$(seq -s, 0 $((${TP:-1} - 1)))
+        gen() { "$BIN/switchyard" generate --device cuda --model "$MSMALL" --prompt "the quick brown fox" \
+            --max-tokens 32 --ignore-eos --json "$@"; }
+        gen --cuda-device 0 > "$LOG/clitp-1.json" && gen --cuda-devices "$devs" > "$LOG/clitp-n.json" || rc=1
+        python3 - "$LOG" "$devs" <<'PY' 2>&1 | tee "$LOG/clitp.log" || rc=1
+import json, sys
+log, devs = sys.argv[1], sys.argv[2]
+one = json.load(open(f"{log}/clitp-1.json"))["output_ids"]
+many = json.load(open(f"{log}/clitp-n.json"))["output_ids"]
+same = next((i for i, (a, b) in enumerate(zip(one, many)) if a != b), min(len(one), len(many)))
+print(f"| clitp | --cuda-devices {devs} | greedy tokens agreeing with one GPU: {same} of {len(one)} |")
+sys.exit(1 if "," not in devs and same != len(one) else 0)
+PY
+        "$BIN/switchyard" bench engine --device cuda --cuda-devices "$devs" --model "$MSMALL" --batch 1,32 \
+            --json "$LOG/clitp-bench.json" 2>&1 | tee -a "$LOG/clitp.log" || rc=1 ;;
     cli)
         "$BIN/switchyard" bench engine --device cuda --model "$M8B" --batch 1,32,256 \
             --prompt-len 512 --decode-tokens 64 --prefill-prompts 8 --prefill-len 2048 \
@@ -116,5 +140,5 @@ for stage in $STAGES; do
 done
 echo "== summary =="
 grep -h '^|' "$LOG/check.log" "$LOG/bench.log" "$LOG/bench_eager.log" "$LOG/bench_cublas.log" "$LOG/bench_sampling.log" \
-    "$LOG/bench_engine.log" "$LOG/bench_serve.log" "$LOG/nccl.log" "$LOG/tp.log" 2>/dev/null
+    "$LOG/bench_engine.log" "$LOG/bench_serve.log" "$LOG/nccl.log" "$LOG/tp.log" "$LOG/clitp.log" 2>/dev/null
 exit $rc
