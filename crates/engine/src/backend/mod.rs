@@ -245,6 +245,12 @@ pub trait Backend: Send + 'static {
 
     /// Uploads `parts` concatenated along the output dimension (fused q|k|v, gate|up).
     fn upload_matrix(&self, parts: &[HostTensor<'_>]) -> Result<Self::Weight, ModelError>;
+    /// `upload_matrix` for a weight that is only ever an operand of `matmul`, never read
+    /// by row (every projection; not the embedding table): the backend may keep it in its
+    /// matmul layout alone.
+    fn upload_linear(&self, parts: &[HostTensor<'_>]) -> Result<Self::Weight, ModelError> {
+        self.upload_matrix(parts)
+    }
     /// Uploads `parts` concatenated.
     fn upload_vector(&self, parts: &[HostTensor<'_>]) -> Result<Self::Vector, ModelError>;
     fn alloc_kv_cache(&self, spec: &KvCacheSpec) -> Result<Self::KvCache, ModelError>;

@@ -56,12 +56,12 @@ fn upload_split<T>(
     upload(&views)
 }
 
-/// This rank's part of `parts` as one fused matrix.
-fn upload_matrix<B: Backend>(
+/// This rank's part of `parts` as one fused projection matrix.
+fn upload_linear<B: Backend>(
     backend: &B,
     parts: &[(HostTensor<'_>, Split)],
 ) -> Result<B::Weight, ModelError> {
-    upload_split(parts, |v| backend.upload_matrix(v))
+    upload_split(parts, |v| backend.upload_linear(v))
 }
 
 /// This rank's part of `parts` as one 1-D parameter.
@@ -138,7 +138,7 @@ impl<B: Backend> Model<B> {
             let p = format!("model.layers.{i}");
             let attn = format!("{p}.self_attn");
             let mlp = format!("{p}.mlp");
-            let qkv = upload_matrix(
+            let qkv = upload_linear(
                 backend,
                 &[
                     (
@@ -193,7 +193,7 @@ impl<B: Backend> Model<B> {
                     .upload_vector(&[get(format!("{p}.input_layernorm.weight"), &[h])?])?,
                 qkv,
                 qkv_bias,
-                o: upload_matrix(
+                o: upload_linear(
                     backend,
                     &[(
                         get(format!("{attn}.o_proj.weight"), &[h, q])?,
@@ -205,7 +205,7 @@ impl<B: Backend> Model<B> {
                 k_norm,
                 post_norm: backend
                     .upload_vector(&[get(format!("{p}.post_attention_layernorm.weight"), &[h])?])?,
-                gate_up: upload_matrix(
+                gate_up: upload_linear(
                     backend,
                     &[
                         (
@@ -218,7 +218,7 @@ impl<B: Backend> Model<B> {
                         ),
                     ],
                 )?,
-                down: upload_matrix(
+                down: upload_linear(
                     backend,
                     &[(
                         get(format!("{mlp}.down_proj.weight"), &[h, inter])?,
@@ -232,7 +232,7 @@ impl<B: Backend> Model<B> {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(backend.upload_matrix(&[get("lm_head.weight".into(), &[v, h])?])?)
+            Some(backend.upload_linear(&[get("lm_head.weight".into(), &[v, h])?])?)
         };
         let layout = AttnLayout {
             num_heads: heads.len(),

@@ -345,6 +345,14 @@ impl Backend for CpuBackend {
         })
     }
 
+    /// On AVX-512 BF16 CPUs, bf16 projections are packed for the matmul at load and kept
+    /// only in that layout (half the memory, no packing stall on the first request).
+    fn upload_linear(&self, parts: &[HostTensor<'_>]) -> Result<Matrix, ModelError> {
+        let mut m = self.upload_matrix(parts)?;
+        m.keep_packed_only();
+        Ok(m)
+    }
+
     fn upload_vector(&self, parts: &[HostTensor<'_>]) -> Result<Vec<f32>, ModelError> {
         Ok(parts.iter().flat_map(|p| p.to_f32()).collect())
     }

@@ -101,6 +101,12 @@ pub(super) fn matmul_with(
         }
         return;
     }
+    // A packed-only matrix has no row-major copy for the other paths to read.
+    assert!(
+        !w.packed_only || isa == Isa::detect(),
+        "matmul: these weights were packed for the {} kernels only",
+        Isa::detect().name()
+    );
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 if matches!(w.data, WeightData::Bf16(_)) => {
@@ -120,6 +126,40 @@ pub(super) fn matmul_with(
             WeightData::Bf16(d) => scalar_matmul(d, bf16_to_f32, x, m, k, n, bias, out),
             WeightData::F16(d) => scalar_matmul(d, f16_to_f32, x, m, k, n, bias, out),
         },
+    }
+}
+
+/// `data` (bf16, `n` rows of `k`) packed into the AVX-512 BF16 GEMM's panels, on the
+/// kernel pool, each task packing whole panels.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn pack_bf16_pairs(data: &[u16], k: usize, n: usize) -> Vec<u32> {
+    let (kp, panels) = (k.div_ceil(2), n.div_ceil(BF16_NR));
+    let mut buf = vec![0u32; panels * BF16_NR * kp];
+    let per_panel = BF16_NR * kp;
+    let dst = x86::PairsPtr(buf.as_mut_ptr());
+    run_chunks(panels, n * k / 4, |p0, p1| {
+        let rows = (p0 * BF16_NR, (p1 * BF16_NR).min(n));
+        // SAFETY: panels p0..p1 are this task's alone, inside `buf`.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(dst.get().add(p0 * per_panel), (p1 - p0) * per_panel)
+        };
+        super::avx512::pack_pair_panels::<BF16_NV>(
+            &data[rows.0 * k..rows.1 * k],
+            k,
+            rows.1 - rows.0,
+            out,
+        );
+    });
+    buf
+}
+
+/// Row `r` of a matrix with `k` columns, widened from the panels `pack_bf16_pairs` made.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn bf16_pairs_row(pairs: &[u32], k: usize, r: usize, out: &mut [f32]) {
+    let (kp, p, j) = (k.div_ceil(2), r / BF16_NR, r % BF16_NR);
+    for (c, o) in out.iter_mut().enumerate().take(k) {
+        let u = pairs[(p * kp + c / 2) * BF16_NR + j];
+        *o = bf16_to_f32((u >> (16 * (c % 2))) as u16);
     }
 }
 
@@ -311,14 +351,14 @@ mod x86 {
         PAIRS.set(pairs);
     }
 
-    /// The pair buffer shared by the rounding tasks, each writing its own rows.
+    /// A `u32` buffer shared by tasks that each write their own part of it.
     #[derive(Clone, Copy)]
-    struct PairsPtr(*mut u32);
+    pub(super) struct PairsPtr(pub(super) *mut u32);
     // SAFETY: see `OutPtr`; the rows written are disjoint and `pairs` outlives the call.
     unsafe impl Send for PairsPtr {}
     unsafe impl Sync for PairsPtr {}
     impl PairsPtr {
-        fn get(self) -> *mut u32 {
+        pub(super) fn get(self) -> *mut u32 {
             self.0
         }
     }
@@ -592,6 +632,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn packed_only_weights_give_the_same_results_and_rows() {
+        // Odd k and a partial last panel; m = 1 and a GEMM-sized batch.
+        for &(n, k) in &[(130, 301), (64, 512), (7, 5)] {
+            let w = matrix("bf16", n, k, 21);
+            let mut packed = w.clone();
+            let did = packed.keep_packed_only();
+            assert_eq!(did, crate::backend::cpu::kernels::has_avx512_bf16());
+            if !did {
+                // Elsewhere the weights stay as they were.
+                assert_eq!(packed, w);
+                continue;
+            }
+            assert!(matches!(&packed.data, WeightData::Bf16(d) if d.is_empty()));
+            assert_eq!(packed.bytes(), w.bytes());
+            for m in [1, 40] {
+                let x = fill(m * k, 22);
+                let (mut want, mut got) = (vec![0.0; m * n], vec![0.0; m * n]);
+                matmul(&x, m, &w, None, &mut want);
+                matmul(&x, m, &packed, None, &mut got);
+                assert_eq!(got, want, "{n}x{k}, m={m}");
+            }
+            let (mut want, mut got) = (vec![0.0; k], vec![0.0; k]);
+            for r in [0, n / 2, n - 1] {
+                w.row_f32(r, &mut want);
+                packed.row_f32(r, &mut got);
+                assert_eq!(got, want, "{n}x{k} row {r}");
+            }
+            assert!(!packed.keep_packed_only(), "packing twice");
+        }
+    }
+
+    #[test]
+    fn packed_only_weights_refuse_other_kernels() {
+        let mut w = matrix("bf16", 8, 8, 1);
+        if !w.keep_packed_only() {
+            return; // nothing is dropped on CPUs without AVX-512 BF16
+        }
+        let err = std::panic::catch_unwind(|| {
+            matmul_with(Isa::Scalar, &[0.0; 8], 1, &w, None, &mut [0.0; 8]);
+        })
+        .expect_err("the scalar path has no weights to read");
+        let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            msg.contains("packed for the avx512bf16 kernels only"),
+            "{msg}"
+        );
     }
 
     #[test]

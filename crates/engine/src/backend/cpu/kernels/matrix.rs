@@ -40,8 +40,12 @@ pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
     pub data: WeightData,
-    /// Filled by the first matmul that takes the GEMM path.
+    /// Filled by the first matmul that takes the GEMM path, or at load by
+    /// `keep_packed_only`.
     pub(super) panels: Panels,
+    /// `data` was dropped (left empty) after packing: the panels are the only copy (see
+    /// [`Matrix::keep_packed_only`]).
+    pub(super) packed_only: bool,
 }
 
 /// The weights laid out as the GEMM micro-kernel reads them (transposed panels, same
@@ -110,6 +114,7 @@ impl Matrix {
             cols,
             data,
             panels: Panels::default(),
+            packed_only: false,
         }
     }
 
@@ -171,10 +176,42 @@ impl Matrix {
         Ok(Matrix::new(rows, cols, data))
     }
 
+    /// For a matrix that is only ever multiplied (not read by row): on the AVX-512 BF16
+    /// path, packs bf16 weights into the GEMM's panels now (on the kernel pool) and frees
+    /// the row-major copy, which that path never reads, so the weights are held once
+    /// rather than twice and the first matmul does not stall on packing. Elsewhere it does
+    /// nothing. Returns whether it packed.
+    pub fn keep_packed_only(&mut self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if !self.packed_only && super::has_avx512_bf16() {
+            if let WeightData::Bf16(d) = &self.data {
+                if !d.is_empty() {
+                    let packed = super::matmul::pack_bf16_pairs(d, self.cols, self.rows);
+                    // Already set by an earlier matmul means the same panels: keep those.
+                    let _ = self.panels.bf16_pairs.set(packed);
+                    self.data = WeightData::Bf16(Vec::new());
+                    self.packed_only = true;
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// Widens row `r` into `out` (length `cols`); used for embedding lookups.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         assert!(r < self.rows, "row {r} out of range for {} rows", self.rows);
         assert_eq!(out.len(), self.cols, "row_f32 output length");
+        #[cfg(target_arch = "x86_64")]
+        if self.packed_only {
+            let pairs = self
+                .panels
+                .bf16_pairs
+                .get()
+                .expect("packed matrix has panels");
+            super::matmul::bf16_pairs_row(pairs, self.cols, r, out);
+            return;
+        }
         let range = r * self.cols..(r + 1) * self.cols;
         match &self.data {
             WeightData::F32(v) => out.copy_from_slice(&v[range]),
@@ -193,6 +230,9 @@ impl Matrix {
 
     /// Bytes of weight data, i.e. what one pass of a matmul streams from memory.
     pub fn bytes(&self) -> usize {
+        if self.packed_only {
+            return 2 * self.rows * self.cols;
+        }
         match &self.data {
             WeightData::F32(v) => v.len() * 4,
             WeightData::Bf16(v) | WeightData::F16(v) => v.len() * 2,
