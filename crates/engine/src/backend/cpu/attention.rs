@@ -438,24 +438,18 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn exp_nonpositive(x: __m256) -> __m256 {
-        const LO: f32 = -87.336_55;
+        use super::simd::exp_consts::{LN2_HI, LN2_LO, MIN as LO, POLY};
         let xc = _mm256_max_ps(x, _mm256_set1_ps(LO));
         let n = _mm256_floor_ps(_mm256_fmadd_ps(
             xc,
             _mm256_set1_ps(std::f32::consts::LOG2_E),
             _mm256_set1_ps(0.5),
         ));
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(POLY[0]);
+        for c in &POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
         }
         let p = _mm256_add_ps(
             _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),

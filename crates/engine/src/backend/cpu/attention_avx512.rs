@@ -22,6 +22,7 @@
 use std::arch::x86_64::*;
 
 use super::{AttnArgs, KvData, SharedMut, Task};
+use crate::backend::cpu::kernels::avx512::{dp, mask16};
 
 /// Keys per step: one per f32 lane.
 const KEYS: usize = 16;
@@ -32,25 +33,6 @@ const RT: usize = 4;
 /// 256.
 pub(super) fn supports(head_dim: usize) -> bool {
     head_dim.is_multiple_of(64) && head_dim <= 256
-}
-
-#[inline(always)]
-fn mask16(n: usize) -> __mmask16 {
-    if n >= 16 {
-        u16::MAX
-    } else {
-        (1u16 << n) - 1
-    }
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn dp(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
-    _mm512_dpbf16_ps(
-        acc,
-        std::mem::transmute::<__m512i, __m512bh>(a),
-        std::mem::transmute::<__m512i, __m512bh>(b),
-    )
 }
 
 /// The head dim held by lane `lane` of accumulator vector `x` (see the module doc).
@@ -360,24 +342,18 @@ impl Tile<'_> {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn exp_nonpositive(x: __m512) -> __m512 {
-    const LO: f32 = -87.336_55;
+    use crate::backend::cpu::simd::exp_consts::{LN2_HI, LN2_LO, MIN as LO, POLY};
     let xc = _mm512_max_ps(x, _mm512_set1_ps(LO));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
         xc,
         _mm512_set1_ps(std::f32::consts::LOG2_E),
         _mm512_set1_ps(0.5),
     ));
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), xc);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    let mut p = _mm512_set1_ps(POLY[0]);
+    for c in &POLY[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
     }
     let p = _mm512_add_ps(
         _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),

@@ -88,27 +88,45 @@ pub fn axpy<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// The range reduction and polynomial of [`exp`], shared with the vector kernels' copies
+/// (`attention.rs`, `attention_avx512.rs`) so that all of them compute the same values.
+pub(super) mod exp_consts {
+    /// Below this, `e^x` is under f32's smallest normal and taken as 0.
+    pub const MIN: f32 = -87.336_55;
+    /// Above this, `e^x` overflows f32.
+    pub const MAX: f32 = 88.722_83;
+    /// ln 2 split in two so `n·LN2_HI` is exact.
+    pub const LN2_HI: f32 = 0.693_359_4;
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    /// Coefficients of `p(r)`, highest first; `e^r ≈ 1 + r + r²·p(r)`.
+    pub const POLY: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ];
+}
+
 /// `e^x` for f32, within a few ulp over the whole range (Cephes-style range reduction and a
 /// degree-6 polynomial); branch-free so loops over it vectorise. Large negative inputs give
 /// 0, large positive +inf, NaN stays NaN.
 #[inline(always)]
 pub fn exp<const FMA: bool>(x: f32) -> f32 {
+    use exp_consts::{LN2_HI, LN2_LO, MAX, MIN, POLY};
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     // max/min drop NaN (clamp would keep it), so xc is always finite and the int
     // conversion below is exact.
     #[allow(clippy::manual_clamp)]
-    let xc = x.max(-87.336_55).min(88.722_83);
+    let xc = x.max(MIN).min(MAX);
     let n = madd::<FMA>(xc, LOG2E, 0.5).floor();
     let r = madd::<FMA>(n, -LN2_HI, xc);
     let r = madd::<FMA>(n, -LN2_LO, r);
-    let mut p = 1.987_569_1e-4f32;
-    p = madd::<FMA>(p, r, 1.398_199_9e-3);
-    p = madd::<FMA>(p, r, 8.333_452e-3);
-    p = madd::<FMA>(p, r, 4.166_579_6e-2);
-    p = madd::<FMA>(p, r, 1.666_666_5e-1);
-    p = madd::<FMA>(p, r, 0.5);
+    let mut p = POLY[0];
+    for c in &POLY[1..] {
+        p = madd::<FMA>(p, r, *c);
+    }
     let p = madd::<FMA>(p, r * r, r) + 1.0;
     // 2^n through the exponent bits; n is in [-126, 128] after the clamp.
     // SAFETY: n is finite and within [-127, 129].
@@ -116,9 +134,9 @@ pub fn exp<const FMA: bool>(x: f32) -> f32 {
     let scaled = p * f32::from_bits(((n.clamp(-126, 127) + 127) as u32) << 23);
     let out = if n > 127 { scaled * 2.0 } else { scaled };
     // Preserve the limits the clamp hid.
-    if x < -87.336_55 {
+    if x < MIN {
         0.0
-    } else if x > 88.722_83 {
+    } else if x > MAX {
         f32::INFINITY
     } else if x.is_nan() {
         x

@@ -20,6 +20,7 @@
 use std::arch::x86_64::*;
 
 use super::matrix::{bf16_to_f32, f16_to_f32, WeightData};
+use super::tiles::{next_block, RowTiles};
 
 /// How a weight element type widens to f32, 8 lanes at a time.
 pub(super) trait Widen {
@@ -538,16 +539,8 @@ pub(super) unsafe fn gemm_packed<W: Widen, const MR: usize, const NV: usize>(
 ) {
     const { assert!(MR <= 6 && NV <= 4, "tail kernels and tile sizes") };
     let nr = 8 * NV;
-    // Rows left after whole MR tiles. A tile of 1–3 rows has too few accumulators to hide
-    // the FMA latency, so such a remainder is merged with one whole tile and split in two
-    // (e.g. m = 32 with MR = 6 runs 6+6+6+6+4+4, not 6+6+6+6+6+2).
-    let mut full = m - m % MR;
-    let mut tail = m - full;
-    if tail > 0 && tail < MR / 2 + 1 && full >= MR {
-        full -= MR;
-        tail += MR;
-    }
-    let tiles = full / MR + if tail > MR { 2 } else { usize::from(tail > 0) };
+    let row_tiles = RowTiles::new(m, MR);
+    let tiles = row_tiles.count();
     let mut pc = 0;
     while pc < k {
         let kc = kc_block.min(k - pc);
@@ -557,15 +550,8 @@ pub(super) unsafe fn gemm_packed<W: Widen, const MR: usize, const NV: usize>(
             let cols = nr.min(n - j0);
             let b = if bias.is_null() { bias } else { bias.add(j0) };
             let bp = panels.add((jp * k + pc) * nr);
-            // What this (panel, k block) is followed by: the next panel's block, else the
-            // first panel's next block. Its lines are shared out among this panel's tiles.
-            let next = if jp + 1 < p1 {
-                Some((jp + 1, pc, kc))
-            } else if pc + kc < k {
-                Some((p0, pc + kc, kc_block.min(k - pc - kc)))
-            } else {
-                None
-            };
+            // The next block's lines are shared out among this panel's tiles.
+            let next = next_block(jp, (p0, p1), pc, kc, k, kc_block);
             let (pf_base, pf_total) = match next {
                 Some((np, npc, nkc)) => {
                     let bytes = nkc * nr * std::mem::size_of::<W::Raw>();
@@ -581,20 +567,14 @@ pub(super) unsafe fn gemm_packed<W: Widen, const MR: usize, const NV: usize>(
                 (pf_base.wrapping_add(64 * start), lines)
             };
             let mut i = 0;
-            while i + MR <= full {
-                let (a, c) = (x.add(i * k + pc), out.add(i * n + j0));
-                gemm_micro::<W, MR, NV>(kc, a, k, bp, c, n, cols, first, b, pf(t));
-                i += MR;
-                t += 1;
-            }
             while i < m {
-                let rows = if m - i == tail && tail > MR {
-                    tail.div_ceil(2)
-                } else {
-                    m - i
-                };
+                let rows = row_tiles.rows_at(i);
                 let (a, c) = (x.add(i * k + pc), out.add(i * n + j0));
-                gemm_micro_tail::<W, NV>(rows, kc, a, k, bp, c, n, cols, first, b, pf(t));
+                if rows == MR {
+                    gemm_micro::<W, MR, NV>(kc, a, k, bp, c, n, cols, first, b, pf(t));
+                } else {
+                    gemm_micro_tail::<W, NV>(rows, kc, a, k, bp, c, n, cols, first, b, pf(t));
+                }
                 i += rows;
                 t += 1;
             }

@@ -20,9 +20,11 @@
 
 use std::arch::x86_64::*;
 
+use super::tiles::{next_block, RowTiles};
+
 /// The low `n` bits set, for masked loads and stores of the last partial vector.
 #[inline(always)]
-fn mask16(n: usize) -> __mmask16 {
+pub(crate) fn mask16(n: usize) -> __mmask16 {
     if n >= 16 {
         u16::MAX
     } else {
@@ -39,7 +41,7 @@ fn bh(v: __m512i) -> __m512bh {
 /// `acc + Σ` over each lane's pair of `a[2l]·b[2l] + a[2l+1]·b[2l+1]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn dp(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
+pub(crate) unsafe fn dp(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
     _mm512_dpbf16_ps(acc, bh(a), bh(b))
 }
 
@@ -220,15 +222,8 @@ pub(super) unsafe fn gemm_packed<const MR: usize, const NV: usize>(
 ) {
     const { assert!(MR <= 8 && NV <= 4, "tail kernels and tile sizes") };
     let nr = 16 * NV;
-    // As in `avx2::gemm_packed`: a remainder of under half a tile joins the last whole
-    // tile and the two are split evenly, so no tile is too short to hide the latency.
-    let mut full = m - m % MR;
-    let mut tail = m - full;
-    if tail > 0 && tail < MR / 2 + 1 && full >= MR {
-        full -= MR;
-        tail += MR;
-    }
-    let tiles = full / MR + if tail > MR { 2 } else { usize::from(tail > 0) };
+    let row_tiles = RowTiles::new(m, MR);
+    let tiles = row_tiles.count();
     let mut pc = 0;
     while pc < kp {
         let kc = kc_block.min(kp - pc);
@@ -238,13 +233,7 @@ pub(super) unsafe fn gemm_packed<const MR: usize, const NV: usize>(
             let cols = nr.min(n - j0);
             let b = if bias.is_null() { bias } else { bias.add(j0) };
             let bp = panels.add((jp * kp + pc) * nr);
-            let next = if jp + 1 < p1 {
-                Some((jp + 1, pc, kc))
-            } else if pc + kc < kp {
-                Some((p0, pc + kc, kc_block.min(kp - pc - kc)))
-            } else {
-                None
-            };
+            let next = next_block(jp, (p0, p1), pc, kc, kp, kc_block);
             let (pf_base, pf_total) = match next {
                 Some((np, npc, nkc)) => {
                     (panels.add((np * kp + npc) * nr).cast::<u8>(), nkc * nr / 16)
@@ -259,20 +248,14 @@ pub(super) unsafe fn gemm_packed<const MR: usize, const NV: usize>(
             };
             let mut t = 0;
             let mut i = 0;
-            while i + MR <= full {
-                let (a, c) = (x.add(i * kp + pc), out.add(i * n + j0));
-                gemm_micro::<MR, NV>(kc, a, kp, bp, c, n, cols, first, b, pf(t));
-                i += MR;
-                t += 1;
-            }
             while i < m {
-                let rows = if m - i == tail && tail > MR {
-                    tail.div_ceil(2)
-                } else {
-                    m - i
-                };
+                let rows = row_tiles.rows_at(i);
                 let (a, c) = (x.add(i * kp + pc), out.add(i * n + j0));
-                gemm_micro_tail::<NV>(rows, kc, a, kp, bp, c, n, cols, first, b, pf(t));
+                if rows == MR {
+                    gemm_micro::<MR, NV>(kc, a, kp, bp, c, n, cols, first, b, pf(t));
+                } else {
+                    gemm_micro_tail::<NV>(rows, kc, a, kp, bp, c, n, cols, first, b, pf(t));
+                }
                 i += rows;
                 t += 1;
             }

@@ -15,11 +15,13 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+pub(crate) mod avx512;
 mod bandwidth;
 mod matmul;
 mod matrix;
 mod pool;
+#[cfg(target_arch = "x86_64")]
+mod tiles;
 mod vector;
 
 pub use bandwidth::measure_read_bandwidth_gbs;
