@@ -90,6 +90,35 @@ mod recycle {
             }
         });
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_recycled_buffer_comes_back_zeroed_and_is_reused() {
+            let mut old = vec![7.0f32; 100];
+            old.truncate(80);
+            let ptr = old.as_ptr();
+            give(old);
+            let v = take(50);
+            assert_eq!(v.as_ptr(), ptr, "the kept buffer is reused");
+            assert_eq!(v, vec![0.0; 50]);
+            // Too large for anything kept: a fresh buffer.
+            assert_eq!(take(1000), vec![0.0; 1000]);
+        }
+
+        #[test]
+        fn the_kept_set_is_bounded() {
+            for _ in 0..2 * MAX_BUFFERS {
+                give(vec![1.0; 4]);
+            }
+            let kept = FREE.with(|f| f.borrow().len());
+            assert_eq!(kept, MAX_BUFFERS);
+            give(vec![0.0; MAX_BYTES / 4 + 1]);
+            assert_eq!(FREE.with(|f| f.borrow().len()), MAX_BUFFERS);
+        }
+    }
 }
 
 /// One layer's K or V values.

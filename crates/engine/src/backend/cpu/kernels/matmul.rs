@@ -239,9 +239,9 @@ mod x86 {
         }
     }
 
-    /// How a GEMM call is cut into tasks: row blocks of at most `GEMM_MC` rows, as even
-    /// as whole tiles of `mr` rows allow, and the panels of each block split into enough groups to keep
-    /// every thread busy.
+    /// How a GEMM call is cut into tasks: row blocks of about `GEMM_MC` rows, whole tiles
+    /// of `mr` rows shared out evenly among them, and the panels of each block split into
+    /// enough groups to keep every thread busy.
     struct Grid {
         m: usize,
         mr: usize,
@@ -318,11 +318,10 @@ mod x86 {
         run_chunks(m, m * k / 8, |r0, r1| unsafe {
             avx512::round_to_bf16_pairs(x.as_ptr(), k, pp.get(), (r0, r1));
         });
-        let packed = w.panels.bf16_pairs.get_or_init(|| {
-            let mut buf = vec![0u32; n.div_ceil(BF16_NR) * BF16_NR * kp];
-            avx512::pack_pair_panels::<BF16_NV>(data, k, n, &mut buf);
-            buf
-        });
+        let packed = w
+            .panels
+            .bf16_pairs
+            .get_or_init(|| pack_bf16_pairs(data, k, n));
         let op = OutPtr(out.as_mut_ptr());
         let bp = || bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
         let xs: &[u32] = &pairs;
