@@ -4,8 +4,10 @@
 # model (one compute thread), at each concurrency, RUNS times, then one summary table.
 #
 #   scripts/bench/frontend.sh [OUT_DIR]      # env: RUNS (3), CONCURRENCY ("16 64"),
-#                                            #      TOKENS (256), BIN, MODEL, SERVE_ARGS,
-#                                            #      CLIENT_PREFIX, PORT (18123)
+#                                            #      TOKENS (256), REQUESTS_PER_SLOT (2:
+#                                            #      requests = 2 x concurrency), BIN,
+#                                            #      MODEL, SERVE_ARGS, CLIENT_PREFIX,
+#                                            #      PORT (18123)
 #
 # Each run's full report is OUT_DIR/c<C>-r<R>.json. Run it on an otherwise idle machine:
 # the load generator shares it with the server, and CPU time per token moves with
@@ -42,7 +44,7 @@ for c in $CONCURRENCY; do
         # CLIENT_PREFIX="chrt -b 0" runs the load generator as a batch task, so that its
         # wake-ups do not preempt the server mid-write as they do when it shares cores.
         ${CLIENT_PREFIX:-} "$BIN" bench serve --url "http://127.0.0.1:$PORT" --server-pid "$server" \
-            --requests $((c * 2)) --concurrency "$c" --prompt-tokens 128 \
+            --requests $((c * ${REQUESTS_PER_SLOT:-2})) --concurrency "$c" --prompt-tokens 128 \
             --max-tokens "$TOKENS" --json "$OUT/c$c-r$r.json" > /dev/null || status=$?
         kill "$server"
         wait "$server" || true

@@ -2,6 +2,7 @@
 
 mod generate;
 mod models;
+mod placement;
 mod serve;
 mod sim;
 

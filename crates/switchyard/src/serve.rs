@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::generate::{Device, DeviceArgs, LoadProgress};
 use crate::models;
+use crate::placement::{self, CpuAffinity, CpuPlan, PinGuard};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -63,6 +64,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_HTTP_THREADS",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     http_threads: Option<u16>,
+    /// auto: when the compute threads (--threads) and the HTTP workers fit on separate
+    /// cores, pin each kind to its own (CPU engine only); none: leave placement to the
+    /// kernel.
+    #[arg(long, value_enum, env = "SWITCHYARD_CPU_AFFINITY", default_value_t = CpuAffinity::Auto)]
+    cpu_affinity: CpuAffinity,
     /// Largest request body, in bytes; larger ones get 413.
     #[arg(long, env = "SWITCHYARD_MAX_BODY_BYTES", default_value_t = frontend::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
@@ -158,13 +164,30 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let http_threads = args
         .http_threads
         .map_or_else(default_http_threads, usize::from);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let cpu_plan = cpu_plan(&args, http_threads);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
         .worker_threads(http_threads)
         .enable_all()
-        .thread_name("switchyard-http")
-        .build()
-        .context("starting the async runtime")?;
-    let result = runtime.block_on(serve(args));
+        .thread_name("switchyard-http");
+    if let Some(plan) = &cpu_plan {
+        tracing::info!(
+            "CPU placement: compute threads on CPU {}, HTTP workers on CPU {} \
+             (--cpu-affinity none leaves it to the kernel)",
+            placement::cpu_list(&plan.compute),
+            placement::cpu_list(&plan.http)
+        );
+        let http = plan.http.clone();
+        builder.on_thread_start(move || {
+            if let Err(e) = placement::pin_current_thread(&http) {
+                tracing::warn!("pinning an HTTP worker: {e}");
+            }
+        });
+        // The thread that drives the top-level future too.
+        placement::pin_current_thread(&plan.http).context("pinning the main thread")?;
+    }
+    let runtime = builder.build().context("starting the async runtime")?;
+    let result = runtime.block_on(serve(args, cpu_plan));
     // Connections still open after the drain bound must not hold the process.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
@@ -178,6 +201,35 @@ fn default_http_threads() -> usize {
     (cores / 8).clamp(1, 4)
 }
 
+/// The core split `--cpu-affinity auto` asks for, where it applies: the CPU engine (the
+/// mock's threads only sleep; a GPU engine's loop thread is not measured yet), with room
+/// for both kinds of thread.
+fn cpu_plan(args: &ServeArgs, http_threads: usize) -> Option<CpuPlan> {
+    if args.cpu_affinity == CpuAffinity::None
+        || args.engine != EngineKind::Model
+        || args.device.device != Device::Cpu
+    {
+        return None;
+    }
+    let allowed = match placement::allowed_cpus() {
+        Ok(cpus) => cpus,
+        Err(e) => {
+            tracing::debug!("not pinning threads: {e}");
+            return None;
+        }
+    };
+    let compute = args.threads.unwrap_or_else(kernels::num_threads);
+    let plan = CpuPlan::split(&allowed, compute, http_threads);
+    if plan.is_none() {
+        tracing::debug!(
+            "not pinning threads: {compute} compute + {http_threads} HTTP threads do not fit \
+             on {} CPUs",
+            allowed.len()
+        );
+    }
+    plan
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -189,7 +241,7 @@ fn init_logging() {
         .try_init();
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+async fn serve(args: ServeArgs, cpu_plan: Option<CpuPlan>) -> Result<()> {
     let mut sig = watch_signals()?;
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -225,6 +277,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             },
             instances: args.instances as usize,
             tp: args.device.ranks()?,
+            cpu_plan,
             engine: args.engine,
             mock_speedup: args.mock_speedup,
             mock_profile: args.mock_profile.clone(),
@@ -285,6 +338,8 @@ struct LoadPlan {
     handle_opts: HandleOptions,
     instances: usize,
     tp: usize,
+    /// Cores for the engine threads (and back to the HTTP ones after starting them).
+    cpu_plan: Option<CpuPlan>,
     engine: EngineKind,
     mock_speedup: f64,
     mock_profile: Option<PathBuf>,
@@ -298,6 +353,12 @@ struct LoadPlan {
 /// puts a router in front of them. Runs on a blocking thread inside the runtime (the
 /// router's tasks are spawned on it).
 fn load_model(plan: LoadPlan) -> Result<ModelService> {
+    // Engine threads, and the kernel pool's threads made from them or from here while
+    // packing weights, inherit this thread's cores.
+    let _pin = match &plan.cpu_plan {
+        Some(p) => Some(PinGuard::new(&p.compute, &p.http)?),
+        None => None,
+    };
     if let Some(n) = plan.threads {
         kernels::set_num_threads(n);
     }

@@ -441,3 +441,62 @@ fn sigterm_finishes_in_flight_work_and_exits_zero() {
         "still accepting after exit"
     );
 }
+
+/// `Cpus_allowed_list` of /proc/<pid>/task/<tid>/status (or /proc/self/status), as CPUs.
+#[cfg(target_os = "linux")]
+fn allowed_cpus(status: &str) -> Vec<usize> {
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("a Cpus_allowed_list line")
+        .trim();
+    list.split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![part.parse().unwrap()],
+        })
+        .collect()
+}
+
+/// (thread name, allowed CPUs) for every thread of `pid`.
+#[cfg(target_os = "linux")]
+fn thread_cpus(pid: u32) -> Vec<(String, Vec<usize>)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the server's task list")
+        .map(|t| {
+            let t = t.unwrap().path();
+            let name = std::fs::read_to_string(t.join("comm")).unwrap();
+            let status = std::fs::read_to_string(t.join("status")).unwrap();
+            (name.trim().to_string(), allowed_cpus(&status))
+        })
+        .collect()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn cpu_affinity_gives_the_engine_its_own_cores() {
+    let mine = allowed_cpus(&std::fs::read_to_string("/proc/self/status").unwrap());
+    // The test servers run one compute thread and, given here, one HTTP worker.
+    let srv = Server::start(&["--http-threads", "1"]);
+    let threads = thread_cpus(srv.pid());
+    let engine: Vec<_> = threads.iter().filter(|(n, _)| n == "switchyard-engi").collect();
+    assert_eq!(engine.len(), 1, "one engine thread: {threads:?}");
+    if mine.len() >= 2 {
+        let last = *mine.last().unwrap();
+        assert_eq!(engine[0].1, vec![last], "{threads:?}");
+        for (name, cpus) in threads.iter().filter(|(n, _)| n != "switchyard-engi") {
+            assert!(!cpus.contains(&last), "{name} may run on the engine's CPU: {cpus:?}");
+            assert_eq!(cpus.len(), mine.len() - 1, "{name}: {cpus:?}");
+        }
+        assert!(srv.log().contains("CPU placement: compute threads on CPU"));
+    } else {
+        // One CPU: nothing to split, every thread keeps the process's set.
+        assert!(threads.iter().all(|(_, cpus)| *cpus == mine), "{threads:?}");
+    }
+    drop(srv);
+
+    let srv = Server::start(&["--http-threads", "1", "--cpu-affinity", "none"]);
+    let threads = thread_cpus(srv.pid());
+    assert!(threads.iter().all(|(_, cpus)| *cpus == mine), "{threads:?}");
+    assert!(!srv.log().contains("CPU placement"));
+}
