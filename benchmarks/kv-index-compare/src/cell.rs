@@ -27,10 +27,13 @@ const WARMUP: usize = 500;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IndexKind {
-    /// Switchyard's `KvIndex` (flat hash map, hybrid holder sets).
+    /// Switchyard's `KvIndex` (runs of blocks with a depth per holder).
     Switchyard,
     /// dynamo-kv-router 1.6.1 `RadixTree` (single-threaded compressed radix tree).
     Dynamo,
+    /// No index: Switchyard's events are built and dropped, lookups time an empty call.
+    /// The harness's own cost, a floor under every index's figures.
+    Floor,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -203,6 +206,45 @@ impl Subject for Dynamo {
     }
 }
 
+/// The harness alone (`IndexKind::Floor`).
+struct Floor;
+
+impl Subject for Floor {
+    type Event = KvEvent;
+    type Query = Vec<u64>;
+    const KIND: IndexKind = IndexKind::Floor;
+
+    fn event(w: &Workload, op: &Op) -> (u64, KvEvent) {
+        Switchyard::event(w, op)
+    }
+
+    fn query(w: &Workload, q: &crate::workload::Query) -> Vec<u64> {
+        Switchyard::query(w, q)
+    }
+
+    fn apply(&mut self, _instance: u64, ev: KvEvent) -> bool {
+        // Dropped here, inside the clock, as both indexes drop theirs.
+        std::hint::black_box(ev);
+        true
+    }
+
+    fn lookup(&mut self, q: Vec<u64>, results: &mut Vec<(u64, u32)>) -> Duration {
+        let start = Instant::now();
+        std::hint::black_box(&q);
+        let took = start.elapsed();
+        results.clear();
+        took
+    }
+
+    fn entries(&self) -> usize {
+        0
+    }
+
+    fn estimated_bytes(&self) -> Option<usize> {
+        None
+    }
+}
+
 pub fn run(kind: IndexKind, w: &Workload) -> CellResult {
     match kind {
         IndexKind::Switchyard => measure(
@@ -218,6 +260,7 @@ pub fn run(kind: IndexKind, w: &Workload) -> CellResult {
             },
             w,
         ),
+        IndexKind::Floor => measure(Floor, w),
     }
 }
 

@@ -194,10 +194,7 @@ fn main() -> Result<()> {
 
 fn run_child(args: &Args, kind: IndexKind, instances: usize) -> Result<CellResult> {
     let exe = std::env::current_exe().context("locating this binary")?;
-    let kind_name = match kind {
-        IndexKind::Switchyard => "switchyard",
-        IndexKind::Dynamo => "dynamo",
-    };
+    let kind_name = kind_name(kind);
     let output = Command::new(exe)
         .arg("--cell")
         .args(["--index", kind_name])
@@ -252,7 +249,8 @@ fn print_row(r: &CellResult, earlier: &[CellResult]) {
     let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
     let same = earlier
         .iter()
-        .find(|e| e.instances == r.instances)
+        .find(|e| e.instances == r.instances && e.index != IndexKind::Floor)
+        .filter(|_| r.index != IndexKind::Floor)
         .map_or("-", |e| {
             if e.result_digest == r.result_digest && e.entries == r.entries {
                 "yes"
@@ -263,10 +261,7 @@ fn print_row(r: &CellResult, earlier: &[CellResult]) {
     let est = r
         .estimated_bytes
         .map_or_else(|| "-".to_string(), |b| format!("{:.1}", mib(b)));
-    let kind = match r.index {
-        IndexKind::Switchyard => "switchyard",
-        IndexKind::Dynamo => "dynamo",
-    };
+    let kind = kind_name(r.index);
     println!(
         "{:<10} {:>5} {:>9} {:>10.0} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>8.1} {:>8} {:>6}",
         kind,
@@ -284,6 +279,14 @@ fn print_row(r: &CellResult, earlier: &[CellResult]) {
     );
     if r.apply_errors > 0 {
         println!("  ({} events rejected by {kind})", r.apply_errors);
+    }
+}
+
+fn kind_name(kind: IndexKind) -> &'static str {
+    match kind {
+        IndexKind::Switchyard => "switchyard",
+        IndexKind::Dynamo => "dynamo",
+        IndexKind::Floor => "floor",
     }
 }
 

@@ -114,11 +114,15 @@ mod sys {
 #[cfg(not(target_os = "linux"))]
 mod sys {
     pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
-        Err(std::io::Error::other("thread affinity is only set on Linux"))
+        Err(std::io::Error::other(
+            "thread affinity is only set on Linux",
+        ))
     }
 
     pub fn pin_current_thread(_: &[usize]) -> std::io::Result<()> {
-        Err(std::io::Error::other("thread affinity is only set on Linux"))
+        Err(std::io::Error::other(
+            "thread affinity is only set on Linux",
+        ))
     }
 }
 
@@ -133,8 +137,9 @@ pub struct PinGuard<'a> {
 
 impl<'a> PinGuard<'a> {
     pub fn new(cpus: &[usize], restore: &'a [usize]) -> Result<Self> {
-        pin_current_thread(cpus)
-            .map_err(|e| anyhow::anyhow!("pinning the engine threads to CPUs {}: {e}", cpu_list(cpus)))?;
+        pin_current_thread(cpus).map_err(|e| {
+            anyhow::anyhow!("pinning the engine threads to CPUs {}: {e}", cpu_list(cpus))
+        })?;
         Ok(PinGuard { restore })
     }
 }

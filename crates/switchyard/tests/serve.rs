@@ -479,13 +479,19 @@ fn cpu_affinity_gives_the_engine_its_own_cores() {
     // The test servers run one compute thread and, given here, one HTTP worker.
     let srv = Server::start(&["--http-threads", "1"]);
     let threads = thread_cpus(srv.pid());
-    let engine: Vec<_> = threads.iter().filter(|(n, _)| n == "switchyard-engi").collect();
+    let engine: Vec<_> = threads
+        .iter()
+        .filter(|(n, _)| n == "switchyard-engi")
+        .collect();
     assert_eq!(engine.len(), 1, "one engine thread: {threads:?}");
     if mine.len() >= 2 {
         let last = *mine.last().unwrap();
         assert_eq!(engine[0].1, vec![last], "{threads:?}");
         for (name, cpus) in threads.iter().filter(|(n, _)| n != "switchyard-engi") {
-            assert!(!cpus.contains(&last), "{name} may run on the engine's CPU: {cpus:?}");
+            assert!(
+                !cpus.contains(&last),
+                "{name} may run on the engine's CPU: {cpus:?}"
+            );
             assert_eq!(cpus.len(), mine.len() - 1, "{name}: {cpus:?}");
         }
         assert!(srv.log().contains("CPU placement: compute threads on CPU"));
