@@ -10,8 +10,8 @@
 //! Engines store chains (fresh or continuing a cached parent), evict arbitrary held blocks
 //! (parents before children too), clear, restart; events are dropped, delayed and
 //! duplicated in transit; the router forgets and re-adds instances. Some instances share
-//! prefixes widely, so holder sets cross the inline/bitset threshold and span several
-//! bitset words.
+//! prefixes widely, so runs gain and lose holders across the index's position-index
+//! threshold (32 holders), and stores and evictions in any order cut runs apart.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
@@ -20,7 +20,7 @@ use protocol::{KvEvent, KvEventData, StoredBlock};
 use router::index::KvIndex;
 use router::InstanceId;
 
-/// More than one 64-bit word of slots, and far more than the inline holder limit.
+/// More than twice the holders from which a run keeps a position index.
 const INSTANCES: usize = 72;
 const BUSY: usize = 4;
 
