@@ -66,7 +66,8 @@ pub struct ServeArgs {
     http_threads: Option<u16>,
     /// auto: when the compute threads (--threads) and the HTTP workers fit on separate
     /// cores, pin each kind to its own (CPU engine only); none: leave placement to the
-    /// kernel.
+    /// kernel. auto splits the CPUs this process may use, so several servers on one
+    /// machine should each get their own (taskset) or use none.
     #[arg(long, value_enum, env = "SWITCHYARD_CPU_AFFINITY", default_value_t = CpuAffinity::Auto)]
     cpu_affinity: CpuAffinity,
     /// Largest request body, in bytes; larger ones get 413.
