@@ -16,8 +16,6 @@
 //! to the compute cores while it starts the engine threads (whose kernel pool threads are
 //! created from them or from the loader), then returns to the HTTP cores.
 
-use anyhow::Result;
-
 /// `serve --cpu-affinity`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum CpuAffinity {
@@ -130,17 +128,22 @@ pub use sys::{allowed_cpus, pin_current_thread};
 
 /// Pins the calling thread to `cpus` until dropped, then back to `restore`. The loader
 /// holds one while it starts engines, so that their threads inherit the compute cores
-/// while the runtime's blocking thread it runs on goes back to the HTTP cores.
+/// while the runtime's blocking thread it runs on goes back to the HTTP cores. Placement is
+/// a performance choice: if the kernel refuses it (the allowed CPUs changed since they
+/// were read), the server logs a warning and runs unpinned rather than not at all.
 pub struct PinGuard<'a> {
     restore: &'a [usize],
 }
 
 impl<'a> PinGuard<'a> {
-    pub fn new(cpus: &[usize], restore: &'a [usize]) -> Result<Self> {
-        pin_current_thread(cpus).map_err(|e| {
-            anyhow::anyhow!("pinning the engine threads to CPUs {}: {e}", cpu_list(cpus))
-        })?;
-        Ok(PinGuard { restore })
+    pub fn new(cpus: &[usize], restore: &'a [usize]) -> Self {
+        if let Err(e) = pin_current_thread(cpus) {
+            tracing::warn!(
+                "could not pin the engine threads to CPU {}: {e}; they run unpinned",
+                cpu_list(cpus)
+            );
+        }
+        PinGuard { restore }
     }
 }
 
@@ -186,7 +189,7 @@ mod tests {
         assert!(!all.is_empty());
         let last = *all.last().unwrap();
         std::thread::spawn(move || {
-            let guard = PinGuard::new(&[last], &all).expect("pin");
+            let guard = PinGuard::new(&[last], &all);
             assert_eq!(allowed_cpus().unwrap(), vec![last]);
             // A thread started now inherits the pinned set.
             let child = std::thread::spawn(allowed_cpus).join().unwrap().unwrap();

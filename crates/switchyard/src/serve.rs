@@ -185,7 +185,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             }
         });
         // The thread that drives the top-level future too.
-        placement::pin_current_thread(&plan.http).context("pinning the main thread")?;
+        if let Err(e) = placement::pin_current_thread(&plan.http) {
+            tracing::warn!("pinning the main thread: {e}");
+        }
     }
     let runtime = builder.build().context("starting the async runtime")?;
     let result = runtime.block_on(serve(args, cpu_plan));
@@ -356,10 +358,10 @@ struct LoadPlan {
 fn load_model(plan: LoadPlan) -> Result<ModelService> {
     // Engine threads, and the kernel pool's threads made from them or from here while
     // packing weights, inherit this thread's cores.
-    let _pin = match &plan.cpu_plan {
-        Some(p) => Some(PinGuard::new(&p.compute, &p.http)?),
-        None => None,
-    };
+    let _pin = plan
+        .cpu_plan
+        .as_ref()
+        .map(|p| PinGuard::new(&p.compute, &p.http));
     if let Some(n) = plan.threads {
         kernels::set_num_threads(n);
     }
