@@ -16,7 +16,9 @@
 # (`tp_check`: TP=$TP (default 2) against TP=1, greedy agreement and decode throughput, on
 # the small and 8b synth models; needs BIN_DIR/tp_check and that many GPUs), clitp
 # (`generate` and `bench engine` on the GPUs `--cuda-devices 0..TP-1` lists: the same greedy
-# tokens as one GPU; TP defaults to 1 here)
+# tokens as one GPU; TP defaults to 1 here), tp70b (a Llama-3-70B-shaped synth model,
+# 141 GB of bf16, on the GPUs 0..TP-1, TP defaulting to 4: decode at batch 1 and 32 against
+# the batch-1 bound `bench engine` prints; needs that many GPUs and ~150 GB of free disk)
 # (default: check synth bench eager cublas cli serve). Logs go to $OUT (or
 # /tmp/switchyard-gpu); tables print last.
 set -uo pipefail
@@ -132,6 +134,13 @@ sys.exit(1 if "," not in devs and same != len(one) else 0)
 PY
         "$BIN/switchyard" bench engine --device cuda --cuda-devices "$devs" --model "$MSMALL" --batch 1,32 \
             --json "$LOG/clitp-bench.json" 2>&1 | tee -a "$LOG/clitp.log" || rc=1 ;;
+    tp70b)
+        M70B=${M70B:-/tmp/m70b}
+        [ -f "$M70B/config.json" ] || "$BIN/switchyard" model synth --size 70b --out "$M70B" >/dev/null
+        devs=$(seq -s, 0 $((${TP:-4} - 1)))
+        "$BIN/switchyard" bench engine --device cuda --cuda-devices "$devs" --model "$M70B" \
+            --batch 1,32 --prompt-len 512 --decode-tokens 64 --prefill-prompts 4 --prefill-len 2048 \
+            --json "$LOG/tp70b.json" 2>&1 | tee "$LOG/tp70b.log" || rc=1 ;;
     cli)
         "$BIN/switchyard" bench engine --device cuda --model "$M8B" --batch 1,32,256 \
             --prompt-len 512 --decode-tokens 64 --prefill-prompts 8 --prefill-len 2048 \
@@ -140,5 +149,6 @@ PY
 done
 echo "== summary =="
 grep -h '^|' "$LOG/check.log" "$LOG/bench.log" "$LOG/bench_eager.log" "$LOG/bench_cublas.log" "$LOG/bench_sampling.log" \
-    "$LOG/bench_engine.log" "$LOG/bench_serve.log" "$LOG/nccl.log" "$LOG/tp.log" "$LOG/clitp.log" 2>/dev/null
+    "$LOG/bench_engine.log" "$LOG/bench_serve.log" "$LOG/nccl.log" "$LOG/tp.log" "$LOG/clitp.log" \
+    "$LOG/tp70b.log" 2>/dev/null
 exit $rc

@@ -89,6 +89,9 @@ enum SizeArg {
     OneB,
     #[value(name = "8b")]
     EightB,
+    /// Llama-3-70B's shape: 141 GB in bf16, for tensor-parallel runs on several GPUs.
+    #[value(name = "70b")]
+    SeventyB,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -146,6 +149,7 @@ fn synth_model(args: SynthArgs) -> Result<()> {
             SizeArg::Small => synth::Size::Small,
             SizeArg::OneB => synth::Size::OneB,
             SizeArg::EightB => synth::Size::EightB,
+            SizeArg::SeventyB => synth::Size::SeventyB,
         },
         dtype: match args.dtype {
             DTypeArg::Bf16 => synth::DType::Bf16,

@@ -36,6 +36,7 @@ pub enum Size {
     Small,
     OneB,
     EightB,
+    SeventyB,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,7 +120,7 @@ macro_rules! named_enum {
 }
 
 named_enum!(Arch, "arch", Llama => "llama", Mistral => "mistral", Qwen2 => "qwen2", Qwen3 => "qwen3");
-named_enum!(Size, "size", Tiny => "tiny", Small => "small", OneB => "1b", EightB => "8b");
+named_enum!(Size, "size", Tiny => "tiny", Small => "small", OneB => "1b", EightB => "8b", SeventyB => "70b");
 named_enum!(DType, "dtype", Bf16 => "bf16", F16 => "f16", F32 => "f32");
 
 impl DType {

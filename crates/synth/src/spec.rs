@@ -129,6 +129,26 @@ impl ModelSpec {
                 }),
                 rms_norm_eps: 1e-5,
             },
+            Size::SeventyB => ModelSpec {
+                arch,
+                hidden_size: 8192,
+                intermediate_size: 28_672,
+                num_layers: 80,
+                num_heads: 64,
+                num_kv_heads: 8,
+                head_dim: 128,
+                vocab_size: 128_256,
+                max_position_embeddings: 131_072,
+                tie_word_embeddings: false,
+                rope_theta: 500_000.0,
+                rope_scaling: Some(Llama3RopeScaling {
+                    factor: 8.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8192,
+                }),
+                rms_norm_eps: 1e-5,
+            },
         };
         base.with_arch_features(size)
     }
@@ -375,6 +395,12 @@ mod tests {
     fn eight_b_matches_llama3_8b() {
         let spec = ModelSpec::new(Arch::Llama, Size::EightB);
         assert_eq!(spec.num_params(), 8_030_261_248);
+    }
+
+    #[test]
+    fn seventy_b_matches_llama3_70b() {
+        let spec = ModelSpec::new(Arch::Llama, Size::SeventyB);
+        assert_eq!(spec.num_params(), 70_553_706_496);
     }
 
     #[test]
