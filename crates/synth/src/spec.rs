@@ -15,6 +15,18 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: u64,
 }
 
+impl Llama3RopeScaling {
+    /// The Llama 3.x scaling from an 8k original context, stretched by `factor`.
+    pub fn llama3(factor: f64) -> Self {
+        Llama3RopeScaling {
+            factor,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        }
+    }
+}
+
 /// Dimensions and architectural switches of one synthetic model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
@@ -101,12 +113,7 @@ impl ModelSpec {
                 max_position_embeddings: 131_072,
                 tie_word_embeddings: true,
                 rope_theta: 500_000.0,
-                rope_scaling: Some(Llama3RopeScaling {
-                    factor: 32.0,
-                    low_freq_factor: 1.0,
-                    high_freq_factor: 4.0,
-                    original_max_position_embeddings: 8192,
-                }),
+                rope_scaling: Some(Llama3RopeScaling::llama3(32.0)),
                 rms_norm_eps: 1e-5,
             },
             Size::EightB => ModelSpec {
@@ -121,12 +128,7 @@ impl ModelSpec {
                 max_position_embeddings: 131_072,
                 tie_word_embeddings: false,
                 rope_theta: 500_000.0,
-                rope_scaling: Some(Llama3RopeScaling {
-                    factor: 8.0,
-                    low_freq_factor: 1.0,
-                    high_freq_factor: 4.0,
-                    original_max_position_embeddings: 8192,
-                }),
+                rope_scaling: Some(Llama3RopeScaling::llama3(8.0)),
                 rms_norm_eps: 1e-5,
             },
             Size::SeventyB => ModelSpec {
@@ -141,12 +143,7 @@ impl ModelSpec {
                 max_position_embeddings: 131_072,
                 tie_word_embeddings: false,
                 rope_theta: 500_000.0,
-                rope_scaling: Some(Llama3RopeScaling {
-                    factor: 8.0,
-                    low_freq_factor: 1.0,
-                    high_freq_factor: 4.0,
-                    original_max_position_embeddings: 8192,
-                }),
+                rope_scaling: Some(Llama3RopeScaling::llama3(8.0)),
                 rms_norm_eps: 1e-5,
             },
         };
