@@ -13,8 +13,9 @@
 # profile (`switchyard bench profile` on the 8b model: measured step times as a mock-engine
 # profile, $OUT/profile-h100-8b.json), nccl (`nccl_check`: an all-reduce over every GPU
 # through NCCL, checked and timed; needs BIN_DIR/nccl_check and 2 GPUs or more), tp
-# (`tp_check`: TP=$TP (default 2) against TP=1, greedy agreement and decode throughput, on
-# the small and 8b synth models; needs BIN_DIR/tp_check and that many GPUs), clitp
+# (`tp_check`: TP=$TP (default 2) against TP=1, greedy agreement, graphs against eager steps
+# and decode throughput, on the small and 8b synth models; needs BIN_DIR/tp_check and that
+# many GPUs; TP=1 runs the tensor-parallel path as a group of one on a single GPU), clitp
 # (`generate` and `bench engine` on the GPUs `--cuda-devices 0..TP-1` lists: the same greedy
 # tokens as one GPU; TP defaults to 1 here), tp70b (a Llama-3-70B-shaped synth model,
 # 141 GB of bf16, on the GPUs 0..TP-1, TP defaulting to 4: decode at batch 1 and 32 against

@@ -1,7 +1,11 @@
-//! Tensor parallelism on the GPU machine: the same model at TP = 1 (device 0) and TP = N
-//! (devices 0..N, NCCL all-reduces), greedy outputs compared token for token, and decode
-//! throughput of both at each batch size. Needs N GPUs and `libnccl.so` on the library
-//! path (`scripts/gpu/check_and_bench.sh` sets it up). Run with NCCL_NVLS_ENABLE=0.
+//! Tensor parallelism on the GPU machine: the same model at TP = 1 (device 0, one plain
+//! backend) and TP = N (devices 0..N, NCCL all-reduces), logits and greedy outputs
+//! compared, the group's decode graphs checked against its eager steps token for token, and
+//! decode throughput at each batch size (TP 1, TP N eager, TP N with graphs). Needs N GPUs
+//! and `libnccl.so` on the library path (`scripts/gpu/check_and_bench.sh` sets it up). With
+//! N = 1 the group is a single GPU with an NCCL communicator of its own: the whole
+//! tensor-parallel path (rank threads, all-reduces in and out of graphs) on one GPU. Run with
+//! NCCL_NVLS_ENABLE=0.
 //!
 //! ```text
 //! tp_check MODEL_DIR [TP] [BATCH...]     # default TP 2, batches 1 64
@@ -48,9 +52,17 @@ fn main() -> ExitCode {
     };
     let mut ok = true;
     let mut results = Vec::new();
-    for world in [1, tp] {
+    // The baseline is one plain backend; the group always has NCCL communicators, so
+    // `tp_check MODEL 1` on a single GPU runs the whole tensor-parallel path with a group
+    // of one (every all-reduce a copy onto itself), graphs included.
+    for (world, group) in [(1, false), (tp, true)] {
         let devices: Vec<usize> = (0..world).collect();
-        let backends = match CudaBackend::tp_group(CudaOptions::default(), &devices) {
+        let backends = if group {
+            CudaBackend::nccl_group(CudaOptions::default(), &devices)
+        } else {
+            CudaBackend::tp_group(CudaOptions::default(), &devices)
+        };
+        let backends = match backends {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("TP {world}: {e}");
@@ -65,15 +77,39 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        println!("TP {world}: loaded in {:.1} s", t.elapsed().as_secs_f64());
+        let name = if group { "group" } else { "plain" };
+        println!("TP {world} ({name}): loaded in {:.1} s", t.elapsed().as_secs_f64());
         let vocab = eng.executor().vocab_size();
         let logits = forward_logits(eng.executor_mut(), vocab);
         let outputs = generate(&mut eng, 4, vocab, CHECK_TOKENS);
         let mut rates = Vec::new();
         for &b in &batches {
-            rates.push((b, decode_rate(&mut eng, b, vocab)));
+            rates.push(decode_rate(&mut eng, b, vocab));
         }
-        results.push((world, outputs, rates, logits));
+        let buckets = eng.executor().shard(0).backend().cuda_graph_buckets();
+        println!("TP {world} ({name}): decode graphs recorded for buckets {buckets:?}");
+        let mut eager_rates = Vec::new();
+        if group {
+            // The same group with every rank's graphs off: the tokens must not change.
+            ok &= !buckets.is_empty();
+            for r in 0..eng.executor().world() {
+                eng.executor().shard(r).backend().set_cuda_graphs(false);
+            }
+            let eager = generate(&mut eng, 4, vocab, CHECK_TOKENS);
+            let same: Vec<usize> = eager
+                .iter()
+                .zip(&outputs)
+                .map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count())
+                .collect();
+            println!(
+                "TP {world}: graphs vs eager, {CHECK_TOKENS} tokens each: {same:?} tokens equal"
+            );
+            ok &= eager == outputs;
+            for &b in &batches {
+                eager_rates.push(decode_rate(&mut eng, b, vocab));
+            }
+        }
+        results.push((outputs, rates, eager_rates, logits));
     }
     for (step, (a, b)) in ["prefill 2 × 128", "decode 2 × 1"]
         .iter()
@@ -83,8 +119,8 @@ fn main() -> ExitCode {
         println!("logits, {step}: ‖TP {tp} − TP 1‖ / ‖TP 1‖ = {err:.2e} (bf16 tolerance 2e-2)");
         ok &= err <= 2e-2;
     }
-    let base = &results[0].1;
-    let ours = &results[1].1;
+    let base = &results[0].0;
+    let ours = &results[1].0;
     let same = base
         .iter()
         .zip(ours)
@@ -94,11 +130,13 @@ fn main() -> ExitCode {
     // Reported, not required: bf16 partial sums reduced across GPUs round differently from
     // one GPU's f32 accumulation, and a random model's top logits are near ties, so long
     // greedy runs part ways; the logits check above is the pass criterion.
-    println!("| batch | TP 1 decode tok/s | TP {tp} decode tok/s | speed-up |");
-    println!("|---:|---:|---:|---:|");
+    println!(
+        "| batch | TP 1 decode tok/s | TP {tp} eager tok/s | TP {tp} graphs tok/s | speed-up (graphs) |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
     for (i, &b) in batches.iter().enumerate() {
-        let (r1, rn) = (results[0].2[i].1, results[1].2[i].1);
-        println!("| {b} | {r1:.0} | {rn:.0} | {:.2}x |", rn / r1);
+        let (r1, re, rg) = (results[0].1[i], results[1].2[i], results[1].1[i]);
+        println!("| {b} | {r1:.0} | {re:.0} | {rg:.0} | {:.2}x |", rg / r1);
     }
     if ok {
         ExitCode::SUCCESS

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use super::ranks::RankPool;
 use super::{Checkpoint, Model, ModelConfig, ModelError, TpShard};
 use crate::backend::cpu::{CpuBackend, CpuComm};
 use crate::backend::{Backend, ForwardBatch, RowSampling};
@@ -173,10 +174,20 @@ fn engine_config(cfg: &ModelConfig, opts: &EngineOptions, num_blocks: usize) -> 
 
 /// Tensor parallelism: `world` shards of one model, each on its own thread during a step,
 /// joined by their backends' all-reduce (in-process on the CPU, NCCL on CUDA). Every rank
-/// ends a step with the same logits; rank 0's are returned.
+/// ends a step with the same logits; rank 0's are returned. Rank 0 runs on the engine's
+/// thread, the others on threads kept for the executor's lifetime.
 pub struct TpExecutor<B: Backend> {
     shards: Vec<ModelExecutor<B>>,
+    ranks: RankPool,
 }
+
+/// The shards, reachable from the rank threads during one step: each rank takes only
+/// its own element.
+struct ShardsPtr<B: Backend>(*mut ModelExecutor<B>);
+
+// SAFETY: ranks take disjoint elements, `ModelExecutor<B>: Send` is required where this is
+// used, and the step outlives every use (`RankPool::run` waits for all ranks).
+unsafe impl<B: Backend> Sync for ShardsPtr<B> {}
 
 /// The CPU emulation proves the sharding math that multi-GPU backends use, with no GPU; it
 /// is not a way to run faster on a CPU.
@@ -198,13 +209,15 @@ where
     /// Runs `f` on every rank at once (their all-reduces pair up) and returns rank 0's
     /// result; after the all-reduces every rank holds the same logits.
     fn on_all_ranks<T>(&mut self, f: impl Fn(&mut ModelExecutor<B>) -> T + Sync) -> T {
-        let (first, rest) = self.shards.split_first_mut().expect("at least one shard");
-        let f = &f;
-        std::thread::scope(|scope| {
-            for shard in rest {
-                scope.spawn(move || drop(f(shard)));
-            }
-            f(first)
+        let world = self.shards.len();
+        let shards = ShardsPtr(self.shards.as_mut_ptr());
+        let shards = &shards;
+        self.ranks.run(&move |rank| {
+            assert!(rank < world);
+            // SAFETY: `rank` is in bounds and each rank is run exactly once per step, so
+            // no two threads hold the same shard; `run` returns after every rank is done.
+            let shard = unsafe { &mut *shards.0.add(rank) };
+            f(shard)
         })
     }
 }
@@ -311,6 +324,9 @@ pub fn build_tp_engine<B: Backend>(
     }
     Ok(LlmEngine::new(
         engine_config(&cfg, opts, num_blocks),
-        TpExecutor { shards },
+        TpExecutor {
+            ranks: RankPool::new(shards.len()),
+            shards,
+        },
     ))
 }

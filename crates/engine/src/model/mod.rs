@@ -4,6 +4,7 @@
 mod config;
 mod executor;
 mod forward;
+mod ranks;
 mod shard;
 mod weights;
 

@@ -337,18 +337,30 @@ impl CudaBackend {
     }
 
     /// One backend per device of `devices`, joined as the ranks of a tensor-parallel group
-    /// (rank r on `devices[r]`) by NCCL communicators. Decode steps run without CUDA graphs
-    /// in a group (the all-reduces are not captured yet).
+    /// (rank r on `devices[r]`) by NCCL communicators. A single device needs no
+    /// communicator and gets none. Decode steps are recorded as CUDA graphs with their
+    /// all-reduces inside, as on one GPU: every rank records the same bucket in the same
+    /// step, and its eager sizing run pairs the ranks' all-reduces up before the capture.
     pub fn tp_group(opts: CudaOptions, devices: &[usize]) -> Result<Vec<Self>, CudaError> {
+        if devices.len() == 1 {
+            return Ok(vec![CudaBackend::new(CudaOptions {
+                device: devices[0],
+                ..opts
+            })?]);
+        }
+        Self::nccl_group(opts, devices)
+    }
+
+    /// [`tp_group`](Self::tp_group), with NCCL communicators even for one device: a group
+    /// of one on a single-GPU machine runs every all-reduce call of the tensor-parallel
+    /// path (a copy onto itself), eagerly and inside graphs, for checks.
+    pub fn nccl_group(opts: CudaOptions, devices: &[usize]) -> Result<Vec<Self>, CudaError> {
         if devices.is_empty() {
             return Err(CudaError::Unavailable("a TP group needs a device".into()));
         }
         let mut backends = Vec::with_capacity(devices.len());
         for &device in devices {
             backends.push(CudaBackend::new(CudaOptions { device, ..opts })?);
-        }
-        if devices.len() == 1 {
-            return Ok(backends);
         }
         let ordinals: Vec<i32> = devices.iter().map(|&d| d as i32).collect();
         let mut comms = vec![std::ptr::null_mut(); devices.len()];
@@ -367,7 +379,6 @@ impl CudaBackend {
         })?;
         for (b, comm) in backends.iter_mut().zip(comms) {
             b.nccl = Some(NcclComm(comm));
-            b.set_cuda_graphs(false);
         }
         Ok(backends)
     }

@@ -54,6 +54,9 @@ impl CudaBackend {
     pub fn tp_group(_opts: CudaOptions, _devices: &[usize]) -> Result<Vec<Self>, CudaError> {
         Err(CudaError::Unavailable(NOT_BUILT.into()))
     }
+    pub fn nccl_group(_opts: CudaOptions, _devices: &[usize]) -> Result<Vec<Self>, CudaError> {
+        Err(CudaError::Unavailable(NOT_BUILT.into()))
+    }
     pub fn describe(&self) -> String {
         match self.0 {}
     }
