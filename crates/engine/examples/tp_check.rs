@@ -78,7 +78,10 @@ fn main() -> ExitCode {
             }
         };
         let name = if group { "group" } else { "plain" };
-        println!("TP {world} ({name}): loaded in {:.1} s", t.elapsed().as_secs_f64());
+        println!(
+            "TP {world} ({name}): loaded in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         let vocab = eng.executor().vocab_size();
         let logits = forward_logits(eng.executor_mut(), vocab);
         let outputs = generate(&mut eng, 4, vocab, CHECK_TOKENS);

@@ -164,11 +164,7 @@ mod tests {
         let seen = seen.into_inner().unwrap();
         assert_eq!(seen.len(), 12);
         for step in 0..3 {
-            let mut ranks: Vec<usize> = seen
-                .iter()
-                .filter(|s| s.0 == step)
-                .map(|s| s.1)
-                .collect();
+            let mut ranks: Vec<usize> = seen.iter().filter(|s| s.0 == step).map(|s| s.1).collect();
             ranks.sort();
             assert_eq!(ranks, vec![0, 1, 2, 3]);
         }
