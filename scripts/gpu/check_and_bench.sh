@@ -19,7 +19,9 @@
 # (`generate` and `bench engine` on the GPUs `--cuda-devices 0..TP-1` lists: the same greedy
 # tokens as one GPU; TP defaults to 1 here), tp70b (a Llama-3-70B-shaped synth model,
 # 141 GB of bf16, on the GPUs 0..TP-1, TP defaulting to 4: decode at batch 1 and 32 against
-# the batch-1 bound `bench engine` prints; needs that many GPUs and ~150 GB of free disk)
+# the batch-1 bound `bench engine` prints; needs that many GPUs and ~150 GB of free disk),
+# ncu64 (a batch-64 decode step of the 8b model kernel by kernel under Nsight Compute, and
+# its wall time with graphs: where the step goes)
 # (default: check synth bench eager cublas cli serve). Logs go to $OUT (or
 # /tmp/switchyard-gpu); tables print last.
 set -uo pipefail
@@ -142,6 +144,43 @@ PY
         "$BIN/switchyard" bench engine --device cuda --cuda-devices "$devs" --model "$M70B" \
             --batch 1,32 --prompt-len 512 --decode-tokens 64 --prefill-prompts 4 --prefill-len 2048 \
             --json "$LOG/tp70b.json" 2>&1 | tee "$LOG/tp70b.log" || rc=1 ;;
+    ncu64)
+        # Where a batch-64 decode step of the 8b model goes, kernel by kernel: `bench engine`
+        # eagerly (graphs off, so each kernel is its own launch) under Nsight Compute with
+        # the clocks and caches left alone; steps are cut at each greedy argmax and the last
+        # three (pure decode at batch 64) are summed by kernel. Then the same step with
+        # graphs on, timed by `bench engine` alone, for the host's share.
+        NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+        SWITCHYARD_CUDA_GRAPHS=0 "$NCU" --csv --print-units base --clock-control none \
+            --cache-control none --metrics gpu__time_duration.sum \
+            "$BIN/switchyard" bench engine --device cuda --model "$M8B" --batch 64 --prompt-len 128 \
+            --decode-tokens 6 --prefill-prompts 1 --prefill-len 128 > "$LOG/ncu64.csv" 2> "$LOG/ncu64.err" || rc=1
+        python3 - "$LOG/ncu64.csv" <<'PY' 2>&1 | tee "$LOG/ncu64.log" || rc=1
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+head = rows[0]; k, v = head.index("Kernel Name"), head.index("Metric Value")
+num = lambda x: x.replace(",", "")
+kernels = [(r[k], float(num(r[v]))) for r in rows[1:] if num(r[v]).replace(".", "", 1).isdigit()]
+steps, cur = [], []
+for name, ns in kernels:
+    cur.append((name, ns))
+    if name.startswith("argmax_rows"):
+        steps.append(cur); cur = []
+last = steps[-3:]
+per = collections.defaultdict(lambda: [0, 0.0])
+for st in last:
+    for name, ns in st:
+        short = name.split("(")[0][:70]
+        per[short][0] += 1; per[short][1] += ns
+total = sum(ns for st in last for _, ns in st) / len(last)
+print(f"steps found {len(steps)}; last {len(last)} summed; kernels per step {len(last[0])}; GPU time per step {total/1e3:.1f} us")
+print("| kernel | launches / step | us / step | share |")
+print("|---|---:|---:|---:|")
+for name, (n, ns) in sorted(per.items(), key=lambda x: -x[1][1]):
+    print(f"| {name} | {n/len(last):.0f} | {ns/len(last)/1e3:.1f} | {ns/len(last)/total:.1%} |")
+PY
+        "$BIN/switchyard" bench engine --device cuda --model "$M8B" --batch 1,64 --prompt-len 128 \
+            --decode-tokens 64 --prefill-prompts 1 --prefill-len 128 2>&1 | tee -a "$LOG/ncu64.log" || rc=1 ;;
     cli)
         "$BIN/switchyard" bench engine --device cuda --model "$M8B" --batch 1,32,256 \
             --prompt-len 512 --decode-tokens 64 --prefill-prompts 8 --prefill-len 2048 \
