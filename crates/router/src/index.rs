@@ -114,9 +114,28 @@ struct Run {
     pos: Option<Box<[u32]>>,
 }
 
-/// Holders from which a run keeps `pos`. Below it a binary search takes a few steps; the
-/// index costs 4 bytes per instance slot, so runs with few holders go without.
+/// Holders from which a run keeps `pos` whatever it costs. The index costs 4 bytes per
+/// instance slot up to the run's highest, so below this a run keeps one only where that is
+/// small beside the holders themselves (`POS_DENSE`).
 const POS_MIN: usize = 32;
+
+/// A run with fewer holders keeps `pos` while it has at most this many slots per holder
+/// (and at least `POS_FEW` holders): with a few dozen instances that is every shared run,
+/// and a binary search over 16 holders was a fifth of applying an event there.
+const POS_DENSE: usize = 16;
+const POS_FEW: usize = 4;
+
+/// Whether a run with `n` holders, the highest in slot `top`, should keep `pos`. Once it
+/// has one it keeps it until both measures fall to half, so that one holder joining and
+/// leaving does not rebuild it every time.
+fn wants_pos(n: usize, top: usize, has: bool) -> bool {
+    let slots = top + 1;
+    if has {
+        n >= POS_MIN / 2 || (n >= POS_FEW / 2 && slots <= 2 * POS_DENSE * n)
+    } else {
+        n >= POS_MIN || (n >= POS_FEW && slots <= POS_DENSE * n)
+    }
+}
 
 impl Run {
     fn len(&self) -> u32 {
@@ -154,27 +173,25 @@ impl Run {
         depth
     }
 
-    /// Brings `pos` up to date from holder `from` on, making or dropping it as the number
-    /// of holders crosses the thresholds (dropped at half of `POS_MIN`, so that one holder
-    /// joining and leaving does not rebuild it every time).
+    /// Brings `pos` up to date from holder `from` on, making or dropping it as the holders
+    /// cross the thresholds of [`wants_pos`].
     fn reindex_from(&mut self, from: usize) {
         let n = self.holders.len();
+        let top = self.holders.last().map_or(0, |&(s, _)| s as usize);
         match &mut self.pos {
-            Some(_) if n < POS_MIN / 2 => self.pos = None,
+            Some(_) if !wants_pos(n, top, true) => self.pos = None,
             Some(pos) => {
-                let needed = self.holders.last().map_or(0, |&(s, _)| s as usize + 1);
-                if pos.len() < needed {
+                if pos.len() <= top {
                     let mut grown = std::mem::take(pos).into_vec();
-                    grown.resize(needed, 0);
+                    grown.resize(top + 1, 0);
                     *pos = grown.into_boxed_slice();
                 }
                 for (i, &(slot, _)) in self.holders.iter().enumerate().skip(from) {
                     pos[slot as usize] = i as u32 + 1;
                 }
             }
-            None if n >= POS_MIN => {
-                let needed = self.holders.last().map_or(0, |&(s, _)| s as usize + 1);
-                let mut pos = vec![0u32; needed].into_boxed_slice();
+            None if wants_pos(n, top, false) => {
+                let mut pos = vec![0u32; top + 1].into_boxed_slice();
                 for (i, &(slot, _)) in self.holders.iter().enumerate() {
                     pos[slot as usize] = i as u32 + 1;
                 }
@@ -906,10 +923,14 @@ mod tests {
                 "run {id} longer than its deepest holder"
             );
             assert!(run.holders.windows(2).all(|w| w[0].0 < w[1].0));
+            let top = run.holders.last().map_or(0, |&(s, _)| s as usize);
             if run.pos.is_some() {
-                assert!(run.holders.len() >= POS_MIN / 2, "run {id} kept pos");
+                assert!(
+                    wants_pos(run.holders.len(), top, true),
+                    "run {id} kept pos"
+                );
             }
-            if run.holders.len() >= POS_MIN {
+            if wants_pos(run.holders.len(), top, false) {
                 assert!(
                     run.pos.is_some(),
                     "run {id} with {} holders has no pos",
