@@ -13,10 +13,14 @@
 //! - storing a chain that continues what an instance holds raises its depth on the run
 //!   (the event's blocks are checked against the run in order, no map probe per block);
 //! - evicting a tail, last block first, lowers it;
-//! - a lookup compares the prompt's hashes with the run's in order, then reads each
-//!   instance's depth once: its overlap is where its depth ends, or the run's match goes on
-//!   into the next run, found through the map. A prompt that follows one stored chain costs
-//!   one map probe, one pass over its hashes and one pass over the run's holders.
+//! - a lookup finds how far the prompt follows the run, then reads each instance's depth
+//!   once: its overlap is where its depth ends, or the run's match goes on into the next
+//!   run, found through the map. Neighbours on a run are parent and child, so where the
+//!   prompt's hash equals the run's at some offset, all before it are equal too: one
+//!   compare at the end of the span settles a prompt that follows the run, and a binary
+//!   search one that parts from it. A prompt that follows one stored chain costs one map
+//!   probe, a compare or a few, and one pass over the run's holders. (A snapshot, whose
+//!   order is no chain, marks the runs it extends as unlinked; those compare every hash.)
 //!
 //! What does not fit a prefix is made to fit by cutting a run in two: an instance storing
 //! a block whose predecessors on the run it lacks, or evicting a block while keeping the
@@ -112,6 +116,10 @@ struct Run {
     /// run), so that an event finds its instance without a binary search (which was 40% of
     /// applying an event with 256 holders per run).
     pos: Option<Box<[u32]>>,
+    /// Some neighbours on the run may not be parent and child: blocks of a snapshot, whose
+    /// order says nothing, were appended. Lookups then compare every hash; on a linked
+    /// run they need not (see `KvIndex::matched`).
+    unlinked: bool,
 }
 
 /// Holders from which a run keeps `pos` whatever it costs. The index costs 4 bytes per
@@ -294,7 +302,7 @@ impl KvIndex {
                 // The parent is not checked: hashes are chained, so a block stands for its
                 // prefix whether or not the parent is still cached. It only tells which
                 // run new blocks may extend.
-                self.store(slot, *parent_hash, blocks.len(), |i| blocks[i].hash);
+                self.store(slot, *parent_hash, true, blocks.len(), |i| blocks[i].hash);
             }
             KvEventData::BlockRemoved { hashes } => self.evict(slot, hashes),
             KvEventData::AllBlocksCleared => self.clear_slot(slot),
@@ -343,7 +351,7 @@ impl KvIndex {
             })
             .collect();
         order.sort_by_key(|&(loc, _)| (loc.run, loc.off));
-        self.store(slot, None, order.len(), |i| order[i].1);
+        self.store(slot, None, false, order.len(), |i| order[i].1);
         let state = &mut self.slots[slot as usize];
         state.next_event = snapshot_next;
         state.needs_resync = false;
@@ -385,6 +393,10 @@ impl KvIndex {
     /// For each instance that holds `hashes[0]`: how many leading hashes of `hashes` it holds
     /// consecutively, in no particular order. Instances with zero overlap are omitted.
     /// `out` is cleared first. Uses a per-thread [`OverlapScratch`].
+    ///
+    /// `hashes` are a prompt's chained block hashes (`tokens::block_hashes`, as the engines
+    /// hash): the lookup relies on a hash naming its whole prefix to skip comparing every
+    /// block of a run the prompt follows.
     pub fn overlaps(&self, hashes: &[u64], out: &mut Vec<(InstanceId, u32)>) {
         SCRATCH.with_borrow_mut(|scratch| self.overlaps_with(hashes, scratch, out));
     }
@@ -412,8 +424,11 @@ impl KvIndex {
             let p = pos as usize;
             let avail = (run.hashes.len() - o).min(hashes.len() - p);
             // hashes[p] is the run's block at `off`: the map said so.
-            let matched =
-                1 + common_prefix(&run.hashes[o + 1..o + avail], &hashes[p + 1..p + avail]) as u32;
+            let matched = if run.unlinked {
+                1 + common_prefix(&run.hashes[o + 1..o + avail], &hashes[p + 1..p + avail])
+            } else {
+                chained_prefix(&run.hashes[o..o + avail], &hashes[p..p + avail])
+            } as u32;
             let end = off + matched;
             if first {
                 // Holders at or below `off` lack the prompt's first block: no overlap.
@@ -564,7 +579,17 @@ impl KvIndex {
 
     /// `slot` comes to hold the `n` blocks `hash(0..n)`, stored in that order after the
     /// block `parent` (if any).
-    fn store(&mut self, slot: Slot, parent: Option<u64>, n: usize, hash: impl Fn(usize) -> u64) {
+    ///
+    /// `chain`: each block is the child of the one before it (and the first of `parent`),
+    /// as in an event. Without it (a snapshot) runs extended here are marked unlinked.
+    fn store(
+        &mut self,
+        slot: Slot,
+        parent: Option<u64>,
+        chain: bool,
+        n: usize,
+        hash: impl Fn(usize) -> u64,
+    ) {
         let mut prev = parent;
         let mut i = 0;
         while i < n {
@@ -605,6 +630,7 @@ impl KvIndex {
                     None => self.new_run(),
                 };
                 let mut off = self.runs[run_id as usize].len();
+                let first_new = off;
                 while i < n {
                     let h = hash(i);
                     if self.locs.contains_key(&h) {
@@ -615,6 +641,10 @@ impl KvIndex {
                     prev = Some(h);
                     off += 1;
                     i += 1;
+                }
+                if !chain && off > first_new && off > 1 {
+                    // A snapshot's order is not a chain: these neighbours may be unrelated.
+                    self.runs[run_id as usize].unlinked = true;
                 }
                 self.set_depth(run_id, slot, off);
             }
@@ -708,6 +738,7 @@ impl KvIndex {
             hashes,
             holders,
             pos: None,
+            unlinked: run.unlinked,
         };
         tail.reindex_from(0);
         self.runs[tail_id as usize] = tail;
@@ -800,6 +831,31 @@ impl KvIndex {
         }
         debug_assert_eq!(state.log.len(), state.runs);
     }
+}
+
+/// How many leading entries `a` and `b` share, given that they share the first and that
+/// both are chains of block hashes: each hash names its whole prefix, so the entries agree
+/// up to some point and differ from there on. The last entry settles the usual case (the
+/// prompt follows the run to its end, or the run to the prompt's end) in one compare;
+/// otherwise a binary search finds the point. A long prompt costs a few reads of it, not
+/// a pass over every hash.
+fn chained_prefix(a: &[u64], b: &[u64]) -> usize {
+    let n = a.len().min(b.len());
+    debug_assert!(n > 0 && a[0] == b[0]);
+    if a[n - 1] == b[n - 1] {
+        return n;
+    }
+    // a[lo] == b[lo], a[hi] != b[hi].
+    let (mut lo, mut hi) = (0, n - 1);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if a[mid] == b[mid] {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo + 1
 }
 
 /// How many leading entries `a` and `b` share. Eight at a time first: the XORs of a chunk
@@ -1252,9 +1308,12 @@ mod tests {
                 "query of {len} blocks"
             );
         }
-        // A miss deep in the chain stops everyone there.
+        // A prompt that parts from the chain deep in it stops everyone there. Hashes are
+        // chained, so from the first differing block on every hash differs.
         let mut query = chain.clone();
-        query[20] = 5;
+        for (k, h) in query.iter_mut().enumerate().skip(20) {
+            *h = 5000 + k as u64;
+        }
         let want: Vec<_> = (0..200u64)
             .map(|id| (id, (id % 41).min(20) as u32))
             .filter(|&(_, n)| n > 0)
@@ -1305,6 +1364,22 @@ mod tests {
             assert_eq!(common_prefix(&a[..cut.min(17)], &b), cut.min(17));
         }
         assert_eq!(common_prefix(&[], &a), 0);
+    }
+
+    #[test]
+    fn chained_prefix_finds_where_two_chains_part() {
+        // Two chains that agree up to `cut` differ everywhere after it, as chained hashes do.
+        for len in 1..=40usize {
+            let a: Vec<u64> = (0..len as u64).collect();
+            for cut in 1..=len {
+                let b: Vec<u64> = (0..len as u64)
+                    .map(|i| if (i as usize) < cut { i } else { 1000 + i })
+                    .collect();
+                assert_eq!(chained_prefix(&a, &b), cut, "len {len}, cut {cut}");
+                assert_eq!(chained_prefix(&b, &a), cut, "len {len}, cut {cut}");
+                assert_eq!(chained_prefix(&a[..cut], &b), cut);
+            }
+        }
     }
 
     #[test]
