@@ -981,10 +981,7 @@ mod tests {
             assert!(run.holders.windows(2).all(|w| w[0].0 < w[1].0));
             let top = run.holders.last().map_or(0, |&(s, _)| s as usize);
             if run.pos.is_some() {
-                assert!(
-                    wants_pos(run.holders.len(), top, true),
-                    "run {id} kept pos"
-                );
+                assert!(wants_pos(run.holders.len(), top, true), "run {id} kept pos");
             }
             if wants_pos(run.holders.len(), top, false) {
                 assert!(
