@@ -15,7 +15,9 @@
 # through NCCL, checked and timed; needs BIN_DIR/nccl_check and 2 GPUs or more), tp
 # (`tp_check`: TP=$TP (default 2) against TP=1, greedy agreement, graphs against eager steps
 # and decode throughput, on the small and 8b synth models; needs BIN_DIR/tp_check and that
-# many GPUs; TP=1 runs the tensor-parallel path as a group of one on a single GPU), clitp
+# many GPUs; TP=1 runs the tensor-parallel path as a group of one on a single GPU, SHARED=1
+# puts every rank on GPU 0), allreduce (`allreduce_check`: the all-reduce of our own and
+# NCCL, exact sums checked and timed; on one GPU as ranks sharing it), clitp
 # (`generate` and `bench engine` on the GPUs `--cuda-devices 0..TP-1` lists: the same greedy
 # tokens as one GPU; TP defaults to 1 here), tp70b (a Llama-3-70B-shaped synth model,
 # 141 GB of bf16, on the GPUs 0..TP-1, TP defaulting to 4: decode at batch 1 and 32 against
@@ -111,10 +113,24 @@ for stage in $STAGES; do
         # on the small synth model and on the 8b one.
         MSMALL=${MSMALL:-/tmp/msmall}
         [ -f "$MSMALL/config.json" ] || "$BIN/switchyard" model synth --size small --out "$MSMALL" >/dev/null
+        # SHARED=1: every rank on GPU 0 (tp_check --shared-gpu), for a single-GPU machine.
         for m in "$MSMALL" "$M8B"; do
             echo "== $m" | tee -a "$LOG/tp.log"
-            "$BIN/tp_check" "$m" "${TP:-2}" 1 64 2>&1 | tee -a "$LOG/tp.log" || rc=1
+            "$BIN/tp_check" "$m" "${TP:-2}" 1 64 ${SHARED:+--shared-gpu} 2>&1 | tee -a "$LOG/tp.log" || rc=1
         done ;;
+    allreduce)
+        # The all-reduce of our own against NCCL, checked (exact sums, the same bits on
+        # every rank) and timed: over every GPU when there are two or more, else as one
+        # rank and as 2 and 4 ranks sharing GPU 0.
+        n=$(nvidia-smi -L | wc -l)
+        if [ "$n" -ge 2 ]; then
+            "$BIN/allreduce_check" 2>&1 | tee "$LOG/allreduce.log" || rc=1
+        else
+            for a in "--one" "--shared-gpu 2" "--shared-gpu 4"; do
+                # shellcheck disable=SC2086
+                "$BIN/allreduce_check" $a 2>&1 | tee -a "$LOG/allreduce.log" || rc=1
+            done
+        fi ;;
     clitp)
         # The CLI's GPU selection on the small synth model: `generate` on the GPUs that
         # --cuda-devices lists against one GPU (TP ${TP:-1}; with TP 1 the same GPU must

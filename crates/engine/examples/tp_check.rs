@@ -1,14 +1,16 @@
 //! Tensor parallelism on the GPU machine: the same model at TP = 1 (device 0, one plain
-//! backend) and TP = N (devices 0..N, NCCL all-reduces), logits and greedy outputs
-//! compared, the group's decode graphs checked against its eager steps token for token, and
-//! decode throughput at each batch size (TP 1, TP N eager, TP N with graphs). Needs N GPUs
-//! and `libnccl.so` on the library path (`scripts/gpu/check_and_bench.sh` sets it up). With
-//! N = 1 the group is a single GPU with an NCCL communicator of its own: the whole
-//! tensor-parallel path (rank threads, all-reduces in and out of graphs) on one GPU. Run with
-//! NCCL_NVLS_ENABLE=0.
+//! backend) and TP = N (devices 0..N, joined by NCCL and the all-reduce of our own), logits
+//! and greedy outputs compared, the group's decode graphs checked against its eager steps
+//! token for token, and decode throughput at each batch size (TP 1, TP N eager, TP N with
+//! graphs). Needs N GPUs and `libnccl.so` on the library path
+//! (`scripts/gpu/check_and_bench.sh` sets it up). With N = 1 the group is a single GPU with
+//! communicators of its own: the tensor-parallel path (rank threads, all-reduces in and out
+//! of graphs) on one GPU. With `--shared-gpu` all N ranks run on GPU 0, joined by the
+//! all-reduce of our own: the sharded model on CUDA checked on a single-GPU machine (its
+//! speeds mean nothing: the ranks share the GPU). Run with NCCL_NVLS_ENABLE=0.
 //!
 //! ```text
-//! tp_check MODEL_DIR [TP] [BATCH...]     # default TP 2, batches 1 64
+//! tp_check MODEL_DIR [TP] [BATCH...] [--shared-gpu]    # default TP 2, batches 1 64
 //! ```
 
 mod common;
@@ -18,7 +20,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use common::rel_err;
-use engine::backend::cuda::{CudaBackend, CudaOptions};
+use engine::backend::cuda::{AllReduceImpl, CudaBackend, CudaOptions};
 use engine::backend::{ForwardBatch, SeqSlice};
 use engine::core::{Executor, GenerateRequest, LlmEngine};
 use engine::model::{build_tp_engine, EngineOptions};
@@ -32,7 +34,20 @@ fn main() -> ExitCode {
         eprintln!("set NCCL_NVLS_ENABLE=0 (NVLink multicast must stay off on shared hosts)");
         return ExitCode::from(2);
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // `--shared-gpu`: every rank of the group on GPU 0 (the all-reduce of our own joins
+    // them), to check the multi-rank path on a single-GPU machine; speeds then mean little.
+    let shared = args.iter().any(|a| a == "--shared-gpu");
+    args.retain(|a| a != "--shared-gpu");
+    if shared {
+        eager_module_loading();
+    }
+    if std::env::var_os("SWITCHYARD_CUDA_OWN_ALLREDUCE").is_none() {
+        // The check covers both all-reduces: the group gets ours too (groups go without it
+        // unless asked), and its speed is measured with each.
+        // SAFETY: the start of main, before any other thread exists.
+        unsafe { std::env::set_var("SWITCHYARD_CUDA_OWN_ALLREDUCE", "1") };
+    }
     let Some(dir) = args.first().map(Path::new) else {
         eprintln!("usage: tp_check MODEL_DIR [TP] [BATCH...]");
         return ExitCode::from(2);
@@ -57,7 +72,9 @@ fn main() -> ExitCode {
     // of one (every all-reduce a copy onto itself), graphs included.
     for (world, group) in [(1, false), (tp, true)] {
         let devices: Vec<usize> = (0..world).collect();
-        let backends = if group {
+        let backends = if group && shared {
+            CudaBackend::shared_device_group(CudaOptions::default(), 0, world)
+        } else if group {
             CudaBackend::nccl_group(CudaOptions::default(), &devices)
         } else {
             CudaBackend::tp_group(CudaOptions::default(), &devices)
@@ -92,6 +109,30 @@ fn main() -> ExitCode {
         let buckets = eng.executor().shard(0).backend().cuda_graph_buckets();
         println!("TP {world} ({name}): decode graphs recorded for buckets {buckets:?}");
         let mut eager_rates = Vec::new();
+        let mut nccl_rates = Vec::new();
+        if group && !shared && eng.executor().shard(0).backend().has_own_all_reduce() {
+            // Graphs recorded again with NCCL for every all-reduce (every rank switches).
+            for r in 0..eng.executor().world() {
+                let b = eng.executor().shard(r).backend();
+                b.set_all_reduce(AllReduceImpl::Nccl);
+            }
+            let via_nccl = generate(&mut eng, 4, vocab, CHECK_TOKENS);
+            let same: Vec<usize> = via_nccl
+                .iter()
+                .zip(&outputs)
+                .map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count())
+                .collect();
+            println!("TP {world}: NCCL vs own all-reduce, {CHECK_TOKENS} tokens each: {same:?} tokens equal");
+            for &b in &batches {
+                nccl_rates.push(decode_rate(&mut eng, b, vocab));
+            }
+            for r in 0..eng.executor().world() {
+                eng.executor()
+                    .shard(r)
+                    .backend()
+                    .set_all_reduce(AllReduceImpl::Auto);
+            }
+        }
         if group {
             // The same group with every rank's graphs off: the tokens must not change.
             ok &= !buckets.is_empty();
@@ -112,7 +153,7 @@ fn main() -> ExitCode {
                 eager_rates.push(decode_rate(&mut eng, b, vocab));
             }
         }
-        results.push((outputs, rates, eager_rates, logits));
+        results.push((outputs, rates, eager_rates, logits, nccl_rates));
     }
     for (step, (a, b)) in ["prefill 2 × 128", "decode 2 × 1"]
         .iter()
@@ -134,12 +175,19 @@ fn main() -> ExitCode {
     // one GPU's f32 accumulation, and a random model's top logits are near ties, so long
     // greedy runs part ways; the logits check above is the pass criterion.
     println!(
-        "| batch | TP 1 decode tok/s | TP {tp} eager tok/s | TP {tp} graphs tok/s | speed-up (graphs) |"
+        "| batch | TP 1 decode tok/s | TP {tp} eager tok/s | TP {tp} graphs tok/s | speed-up (graphs) | TP {tp} graphs, NCCL only tok/s |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|");
     for (i, &b) in batches.iter().enumerate() {
         let (r1, re, rg) = (results[0].1[i], results[1].2[i], results[1].1[i]);
-        println!("| {b} | {r1:.0} | {re:.0} | {rg:.0} | {:.2}x |", rg / r1);
+        let rn = results[1]
+            .4
+            .get(i)
+            .map_or("—".to_string(), |r| format!("{r:.0}"));
+        println!(
+            "| {b} | {r1:.0} | {re:.0} | {rg:.0} | {:.2}x | {rn} |",
+            rg / r1
+        );
     }
     if ok {
         ExitCode::SUCCESS
@@ -234,4 +282,15 @@ fn decode_rate<E: Executor>(eng: &mut LlmEngine<E>, b: usize, vocab: usize) -> f
         tokens += eng.step().iter().filter(|(_, e)| e.token.is_some()).count();
     }
     tokens as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Ranks sharing a GPU share its context. With lazy module loading, a rank's first use of a
+/// kernel (cuBLAS's, say) loads it, which waits for the context's running kernels, one of
+/// which may be another rank's all-reduce waiting for this rank: a deadlock. Loading every
+/// module up front avoids it. Must run before the first CUDA call.
+fn eager_module_loading() {
+    if std::env::var_os("CUDA_MODULE_LOADING").is_none() {
+        // SAFETY: called at the start of main, before any other thread exists.
+        unsafe { std::env::set_var("CUDA_MODULE_LOADING", "EAGER") };
+    }
 }

@@ -12,6 +12,7 @@
 //! errors; a CUDA call that fails mid-step (a device fault, not a missing device) panics
 //! with the call's name and the driver's error, which ends the engine thread.
 
+mod allreduce;
 mod graph;
 mod module;
 
@@ -224,6 +225,22 @@ pub struct CudaBackend {
     /// This backend's NCCL communicator when it is one rank of a tensor-parallel group
     /// (`CudaBackend::tp_group`).
     nccl: Option<NcclComm>,
+    /// This rank's share of the group's all-reduce of our own (`allreduce.rs`).
+    car: Option<allreduce::CustomAr>,
+    /// Which all-reduce a group member uses.
+    ar_choice: Cell<AllReduceImpl>,
+}
+
+/// Which all-reduce the ranks of a group use (`CudaBackend::set_all_reduce`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllReduceImpl {
+    /// The kernel of our own for messages it does in one piece (all of them when the group
+    /// has no NCCL), NCCL for larger ones.
+    Auto,
+    /// NCCL only (when the group has it).
+    Nccl,
+    /// The kernel of our own only (when the group has it), in pieces if need be.
+    Own,
 }
 
 /// An NCCL communicator, destroyed with the backend.
@@ -259,6 +276,13 @@ impl A {
             A::L(l) => l as u64,
         }
     }
+}
+
+/// GPU groups add the all-reduce of our own with `SWITCHYARD_CUDA_OWN_ALLREDUCE=1`. Off by
+/// default until it has run on several GPUs (it has run on ranks sharing one GPU only);
+/// groups of ranks sharing a GPU always have it.
+fn own_all_reduce_wanted() -> bool {
+    std::env::var("SWITCHYARD_CUDA_OWN_ALLREDUCE").is_ok_and(|v| v == "1")
 }
 
 fn grid(n: usize, per: usize) -> u32 {
@@ -333,14 +357,18 @@ impl CudaBackend {
             rec: RefCell::new(None),
             _blas_workspace: blas_workspace,
             nccl: None,
+            car: None,
+            ar_choice: Cell::new(AllReduceImpl::Auto),
         })
     }
 
     /// One backend per device of `devices`, joined as the ranks of a tensor-parallel group
-    /// (rank r on `devices[r]`) by NCCL communicators. A single device needs no
-    /// communicator and gets none. Decode steps are recorded as CUDA graphs with their
-    /// all-reduces inside, as on one GPU: every rank records the same bucket in the same
-    /// step, and its eager sizing run pairs the ranks' all-reduces up before the capture.
+    /// (rank r on `devices[r]`) by NCCL communicators and, with
+    /// `SWITCHYARD_CUDA_OWN_ALLREDUCE=1` and GPUs that reach each other's memory, by the
+    /// all-reduce of our own (`allreduce.rs`). A single device needs neither and gets none.
+    /// Decode steps are recorded as CUDA graphs with their all-reduces inside, as on one
+    /// GPU: every rank records the same bucket in the same step, and its eager sizing run
+    /// pairs the ranks' all-reduces up before the capture.
     pub fn tp_group(opts: CudaOptions, devices: &[usize]) -> Result<Vec<Self>, CudaError> {
         if devices.len() == 1 {
             return Ok(vec![CudaBackend::new(CudaOptions {
@@ -348,13 +376,34 @@ impl CudaBackend {
                 ..opts
             })?]);
         }
-        Self::nccl_group(opts, devices)
+        Self::group(opts, devices, true, own_all_reduce_wanted())
     }
 
     /// [`tp_group`](Self::tp_group), with NCCL communicators even for one device: a group
     /// of one on a single-GPU machine runs every all-reduce call of the tensor-parallel
     /// path (a copy onto itself), eagerly and inside graphs, for checks.
     pub fn nccl_group(opts: CudaOptions, devices: &[usize]) -> Result<Vec<Self>, CudaError> {
+        Self::group(opts, devices, true, own_all_reduce_wanted())
+    }
+
+    /// `world` ranks on one GPU, each with its own stream, joined by the all-reduce of our
+    /// own (NCCL refuses two ranks on one device). For checking the multi-rank path on a
+    /// single-GPU machine: the ranks share the GPU, so it is no faster than one rank, and
+    /// each rank's KV cache needs an explicit size (`EngineOptions::num_blocks`).
+    pub fn shared_device_group(
+        opts: CudaOptions,
+        device: usize,
+        world: usize,
+    ) -> Result<Vec<Self>, CudaError> {
+        Self::group(opts, &vec![device; world], false, true)
+    }
+
+    fn group(
+        opts: CudaOptions,
+        devices: &[usize],
+        nccl: bool,
+        own: bool,
+    ) -> Result<Vec<Self>, CudaError> {
         if devices.is_empty() {
             return Err(CudaError::Unavailable("a TP group needs a device".into()));
         }
@@ -362,25 +411,115 @@ impl CudaBackend {
         for &device in devices {
             backends.push(CudaBackend::new(CudaOptions { device, ..opts })?);
         }
-        let ordinals: Vec<i32> = devices.iter().map(|&d| d as i32).collect();
-        let mut comms = vec![std::ptr::null_mut(); devices.len()];
-        // SAFETY: one slot per device in `ordinals`, which stay alive for the call.
-        unsafe {
-            cudarc::nccl::result::comm_init_all(
-                comms.as_mut_ptr(),
-                ordinals.len() as i32,
-                ordinals.as_ptr(),
-            )
+        if nccl {
+            let ordinals: Vec<i32> = devices.iter().map(|&d| d as i32).collect();
+            let mut comms = vec![std::ptr::null_mut(); devices.len()];
+            // SAFETY: one slot per device in `ordinals`, which stay alive for the call.
+            unsafe {
+                cudarc::nccl::result::comm_init_all(
+                    comms.as_mut_ptr(),
+                    ordinals.len() as i32,
+                    ordinals.as_ptr(),
+                )
+            }
+            .map_err(|e| {
+                CudaError::Unavailable(format!(
+                    "NCCL over devices {devices:?}: {e:?} (is libnccl.so on the library path?)"
+                ))
+            })?;
+            for (b, comm) in backends.iter_mut().zip(comms) {
+                b.nccl = Some(NcclComm(comm));
+            }
         }
-        .map_err(|e| {
-            CudaError::Unavailable(format!(
-                "NCCL over devices {devices:?}: {e:?} (is libnccl.so on the library path?)"
-            ))
-        })?;
-        for (b, comm) in backends.iter_mut().zip(comms) {
-            b.nccl = Some(NcclComm(comm));
+        if own {
+            match allreduce::join(&mut backends) {
+                Ok(()) => {}
+                Err(e) if nccl => {
+                    tracing::warn!("all-reduce of our own unavailable ({e}); using NCCL alone")
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(backends)
+    }
+
+    /// Picks the all-reduce this rank uses (every rank of a group must pick the same).
+    /// A choice the group lacks falls back to the one it has. Recorded decode graphs hold
+    /// the all-reduce they were recorded with, so this drops them.
+    pub fn set_all_reduce(&self, which: AllReduceImpl) {
+        self.ar_choice.set(which);
+        self.graphs.borrow_mut().clear();
+    }
+
+    /// Whether this backend is a group member with the all-reduce of our own.
+    pub fn has_own_all_reduce(&self) -> bool {
+        self.car.is_some()
+    }
+
+    /// For checks: all-reduces `host` (bf16 bits) over the group once and returns the
+    /// result, then times `iters` more calls on the same buffer (µs per call, wall time
+    /// between two synchronisations). Every rank must call this at the same time with
+    /// the same length.
+    pub fn all_reduce_check(
+        &self,
+        host: &[u16],
+        iters: usize,
+    ) -> Result<(Vec<u16>, f64), CudaError> {
+        let dev = |e| CudaError::Device(format!("all-reduce check: {e:?}"));
+        let buf = self.stream.clone_htod(host).map_err(dev)?;
+        let ptr = self.ptr(&buf);
+        self.all_reduce_raw(ptr, host.len());
+        let out = self.stream.clone_dtoh(&buf).map_err(dev)?;
+        self.synchronize()?;
+        let t = std::time::Instant::now();
+        for _ in 0..iters {
+            self.all_reduce_raw(ptr, host.len());
+        }
+        self.synchronize()?;
+        let us = t.elapsed().as_secs_f64() * 1e6 / iters.max(1) as f64;
+        Ok((out, us))
+    }
+
+    /// The all-reduce of `n` bf16 values at `ptr`, through the implementation chosen.
+    fn all_reduce_raw(&self, ptr: u64, n: usize) {
+        let own = self.car.as_ref().filter(|car| match self.ar_choice.get() {
+            AllReduceImpl::Own => true,
+            AllReduceImpl::Nccl => self.nccl.is_none(),
+            // One piece; with more than two ranks a one-pass read of every peer moves
+            // more bytes than NCCL's ring once messages are large.
+            AllReduceImpl::Auto => {
+                self.nccl.is_none()
+                    || n <= if car.world <= 2 {
+                        allreduce::STAGE_VALUES
+                    } else {
+                        allreduce::STAGE_VALUES / 8
+                    }
+            }
+        });
+        if let Some(car) = own {
+            self.custom_all_reduce(car, ptr, n);
+            return;
+        }
+        let Some(comm) = &self.nccl else {
+            return;
+        };
+        // SAFETY: `ptr` holds `n` bf16 values on this backend's device, and the all-reduce
+        // is ordered on its stream like every other operation on them.
+        let r = unsafe {
+            cudarc::nccl::result::all_reduce(
+                ptr as *mut c_void,
+                ptr as *mut c_void,
+                n,
+                cudarc::nccl::sys::ncclDataType_t::ncclBfloat16,
+                cudarc::nccl::sys::ncclRedOp_t::ncclSum,
+                comm.0,
+                self.stream.cu_stream() as _,
+            )
+        };
+        if let Err(e) = r {
+            // Ranks out of step cannot be recovered within a step.
+            panic!("NCCL all-reduce failed: {e:?}");
+        }
     }
 
     /// Turns CUDA graphs for decode steps on or off (default on unless
@@ -912,27 +1051,10 @@ impl Backend for CudaBackend {
     }
 
     fn all_reduce(&self, x: &mut CudaAct) {
-        let Some(comm) = &self.nccl else {
+        if self.nccl.is_none() && self.car.is_none() {
             return;
-        };
-        let ptr = self.act_ptr(x) as *mut c_void;
-        // SAFETY: `x` holds rows × cols bf16 values on this backend's device, and the
-        // all-reduce is ordered on its stream like every other operation on `x`.
-        let r = unsafe {
-            cudarc::nccl::result::all_reduce(
-                ptr,
-                ptr,
-                x.rows * x.cols,
-                cudarc::nccl::sys::ncclDataType_t::ncclBfloat16,
-                cudarc::nccl::sys::ncclRedOp_t::ncclSum,
-                comm.0,
-                self.stream.cu_stream() as _,
-            )
-        };
-        if let Err(e) = r {
-            // Ranks out of step cannot be recovered within a step.
-            panic!("NCCL all-reduce failed: {e:?}");
         }
+        self.all_reduce_raw(self.act_ptr(x), x.rows * x.cols);
     }
 
     fn kv_cache_budget(&self) -> Result<Option<usize>, ModelError> {

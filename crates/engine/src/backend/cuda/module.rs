@@ -94,6 +94,8 @@ pub struct Kernels {
     pub sample_rows: CudaFunction,
     pub bf16_to_f32: CudaFunction,
     pub decode_reduce: CudaFunction,
+    /// The all-reduce of our own for ranks of one process (`allreduce.rs`).
+    pub custom_all_reduce: CudaFunction,
     /// `gemv_M` for M = 1..=GEMV_MAX_ROWS, at index M - 1.
     pub gemv: Vec<CudaFunction>,
     /// `[head_dim index][group index]` for head_dim 16/32/64/128 and group 1/2/4/8.
@@ -163,6 +165,7 @@ impl Kernels {
             sample_rows: f("sample_rows")?,
             bf16_to_f32: f("bf16_to_f32")?,
             decode_reduce: f("decode_reduce")?,
+            custom_all_reduce: f("custom_all_reduce")?,
             gemv: (1..=GEMV_MAX_ROWS)
                 .map(|m| f(&format!("gemv_{m}")))
                 .collect::<Result<Vec<_>, _>>()?,

@@ -20,6 +20,14 @@ impl From<CudaError> for ModelError {
     }
 }
 
+/// Which all-reduce the ranks of a group use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllReduceImpl {
+    Auto,
+    Nccl,
+    Own,
+}
+
 #[derive(Clone, Debug)]
 pub struct CudaOptions {
     pub device: usize,
@@ -56,6 +64,26 @@ impl CudaBackend {
     }
     pub fn nccl_group(_opts: CudaOptions, _devices: &[usize]) -> Result<Vec<Self>, CudaError> {
         Err(CudaError::Unavailable(NOT_BUILT.into()))
+    }
+    pub fn shared_device_group(
+        _opts: CudaOptions,
+        _device: usize,
+        _world: usize,
+    ) -> Result<Vec<Self>, CudaError> {
+        Err(CudaError::Unavailable(NOT_BUILT.into()))
+    }
+    pub fn set_all_reduce(&self, _which: AllReduceImpl) {
+        match self.0 {}
+    }
+    pub fn has_own_all_reduce(&self) -> bool {
+        match self.0 {}
+    }
+    pub fn all_reduce_check(
+        &self,
+        _host: &[u16],
+        _iters: usize,
+    ) -> Result<(Vec<u16>, f64), CudaError> {
+        match self.0 {}
     }
     pub fn describe(&self) -> String {
         match self.0 {}

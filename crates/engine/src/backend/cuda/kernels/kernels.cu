@@ -876,3 +876,108 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(
         out[blockIdx.x] = id == 0xffffffffu ? 0u : id;  // unreachable: the set is non-empty
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// All-reduce of our own for the ranks of one process (backend/cuda/allreduce.rs): one
+// kernel, one pass. Each rank copies its values into its staging buffer, tells every rank
+// so through a flag, waits for every rank's flag, then sums all staging buffers in rank
+// order (in f32, rounded once), so every rank ends with bit-identical values. Block b of
+// every rank handles the same slice and synchronises only with the blocks b of the others.
+//
+// `table` (in the rank's own memory) holds, per rank q, three device addresses the other
+// ranks can reach: q's staging buffers 0 and 1 and q's flags. q's flag [r][b] is the last
+// call number rank r's block b published to q. A block numbers its calls from its own flag
+// entry (which only it writes), so graph replays need no host-side counter. Calls alternate
+// staging buffers: a rank can be at most one call ahead of a peer still reading, because
+// it cannot pass the next call's wait without that peer's next flag.
+
+#define AR_MAX_RANKS 8
+#define AR_BLOCKS 32
+
+__device__ __forceinline__ u32 ld_acquire_sys(const u32* p) {
+    u32 v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void st_release_sys(u32* p, u32 v) {
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Loads that skip the SM's L1 (another GPU may have written the line since it was cached).
+__device__ __forceinline__ uint4 ld_cg_v4(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ bf16 ld_cg_u16(const bf16* p) {
+    unsigned short v;
+    asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return v;
+}
+
+extern "C" __global__ void custom_all_reduce(bf16* data, int n, int rank, int world,
+                                             const unsigned long long* table, int vec) {
+    const int b = blockIdx.x;
+    u32* my_flags = (u32*)table[rank * 3 + 2];
+    __shared__ u32 call;
+    if (threadIdx.x == 0) call = my_flags[rank * AR_BLOCKS + b] + 1u;
+    __syncthreads();
+    const u32 e = call;
+    const int which = e & 1u;
+    bf16* mine = (bf16*)table[rank * 3 + which];
+
+    // This block's slice, in whole groups of 8 values (16 bytes) when `vec`.
+    const int unit = vec ? 8 : 1;
+    const int units = (n + unit - 1) / unit;
+    const int per = (units + gridDim.x - 1) / gridDim.x;
+    const int u0 = min(units, b * per), u1 = min(units, u0 + per);
+
+    if (vec) {
+        const uint4* src = (const uint4*)data;
+        uint4* dst = (uint4*)mine;
+        for (int u = u0 + threadIdx.x; u < u1; u += blockDim.x) dst[u] = src[u];
+    } else {
+        for (int u = u0 + threadIdx.x; u < u1; u += blockDim.x) mine[u] = data[u];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        for (int q = 0; q < world; q++) {
+            u32* f = (u32*)table[q * 3 + 2];
+            st_release_sys(f + rank * AR_BLOCKS + b, e);
+        }
+    }
+    if (threadIdx.x < world) {
+        const u32* f = my_flags + threadIdx.x * AR_BLOCKS + b;
+        while ((int)(ld_acquire_sys(f) - e) < 0) {
+        }
+    }
+    __syncthreads();
+
+    if (vec) {
+        for (int u = u0 + threadIdx.x; u < u1; u += blockDim.x) {
+            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int q = 0; q < world; q++) {
+                const uint4* s = (const uint4*)table[q * 3 + which];
+                float f[8];
+                unpack8(ld_cg_v4(s + u), f);
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[i] += f[i];
+            }
+            ((uint4*)data)[u] = pack8(acc);
+        }
+    } else {
+        for (int u = u0 + threadIdx.x; u < u1; u += blockDim.x) {
+            float acc = 0.f;
+            for (int q = 0; q < world; q++) {
+                const bf16* s = (const bf16*)table[q * 3 + which];
+                acc += bf2f(ld_cg_u16(s + u));
+            }
+            data[u] = f2bf(acc);
+        }
+    }
+}
