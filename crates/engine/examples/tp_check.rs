@@ -7,7 +7,9 @@
 //! communicators of its own: the tensor-parallel path (rank threads, all-reduces in and out
 //! of graphs) on one GPU. With `--shared-gpu` all N ranks run on GPU 0, joined by the
 //! all-reduce of our own: the sharded model on CUDA checked on a single-GPU machine (its
-//! speeds mean nothing: the ranks share the GPU). Run with NCCL_NVLS_ENABLE=0.
+//! speeds mean nothing: the ranks share the GPU; the 8b model hung there at its first
+//! decode graph, see docs/gpu.md, so use the small one). `TP_CHECK_TRACE=1` prints each
+//! phase and step. Run with NCCL_NVLS_ENABLE=0.
 //!
 //! ```text
 //! tp_check MODEL_DIR [TP] [BATCH...] [--shared-gpu]    # default TP 2, batches 1 64
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
     };
     let mut ok = true;
     let mut results = Vec::new();
+    trace("start");
     // The baseline is one plain backend; the group always has NCCL communicators, so
     // `tp_check MODEL 1` on a single GPU runs the whole tensor-parallel path with a group
     // of one (every all-reduce a copy onto itself), graphs included.
@@ -100,8 +103,11 @@ fn main() -> ExitCode {
             t.elapsed().as_secs_f64()
         );
         let vocab = eng.executor().vocab_size();
+        trace("loaded");
         let logits = forward_logits(eng.executor_mut(), vocab);
+        trace("logits done");
         let outputs = generate(&mut eng, 4, vocab, CHECK_TOKENS);
+        trace("greedy outputs done");
         let mut rates = Vec::new();
         for &b in &batches {
             rates.push(decode_rate(&mut eng, b, vocab));
@@ -227,6 +233,7 @@ fn forward_logits<E: Executor>(exec: &mut E, vocab: usize) -> [Vec<f32>; 2] {
     };
     let prompts = vec![prompt(1, vocab), prompt(2, vocab)];
     let prefill = exec.execute(&step(0, &prompts));
+    trace("prefill logits");
     let next = vec![vec![3u32], vec![5u32]];
     let decode = exec.execute(&step(PROMPT, &next));
     [prefill, decode]
@@ -256,7 +263,10 @@ fn generate<E: Executor>(
         eng.add_request(base + i as u64, request(i, vocab, tokens));
     }
     let mut out = vec![Vec::new(); n];
+    let mut step = 0;
     while eng.has_work() {
+        step += 1;
+        trace(&format!("generate: step {step}"));
         for (id, ev) in eng.step() {
             if let Some(t) = ev.token {
                 out[(id - base) as usize].push(t);
@@ -292,5 +302,15 @@ fn eager_module_loading() {
     if std::env::var_os("CUDA_MODULE_LOADING").is_none() {
         // SAFETY: called at the start of main, before any other thread exists.
         unsafe { std::env::set_var("CUDA_MODULE_LOADING", "EAGER") };
+    }
+}
+
+/// With `TP_CHECK_TRACE=1`, a line on stderr per phase and step (where a hang happened).
+fn trace(what: &str) {
+    static START: std::sync::OnceLock<Option<Instant>> = std::sync::OnceLock::new();
+    let start = START
+        .get_or_init(|| (std::env::var("TP_CHECK_TRACE").as_deref() == Ok("1")).then(Instant::now));
+    if let Some(t) = start {
+        eprintln!("[{:8.3} s] {what}", t.elapsed().as_secs_f64());
     }
 }
