@@ -118,7 +118,7 @@ struct Run {
     pos: Option<Box<[u32]>>,
     /// Some neighbours on the run may not be parent and child: blocks of a snapshot, whose
     /// order says nothing, were appended. Lookups then compare every hash; on a linked
-    /// run they need not (see `KvIndex::matched`).
+    /// run they need not (see `chained_prefix`).
     unlinked: bool,
 }
 
