@@ -123,11 +123,7 @@ fn main() -> ExitCode {
                 b.set_all_reduce(AllReduceImpl::Nccl);
             }
             let via_nccl = generate(&mut eng, 4, vocab, CHECK_TOKENS);
-            let same: Vec<usize> = via_nccl
-                .iter()
-                .zip(&outputs)
-                .map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count())
-                .collect();
+            let same = agreement(&via_nccl, &outputs);
             println!("TP {world}: NCCL vs own all-reduce, {CHECK_TOKENS} tokens each: {same:?} tokens equal");
             for &b in &batches {
                 nccl_rates.push(decode_rate(&mut eng, b, vocab));
@@ -146,11 +142,7 @@ fn main() -> ExitCode {
                 eng.executor().shard(r).backend().set_cuda_graphs(false);
             }
             let eager = generate(&mut eng, 4, vocab, CHECK_TOKENS);
-            let same: Vec<usize> = eager
-                .iter()
-                .zip(&outputs)
-                .map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count())
-                .collect();
+            let same = agreement(&eager, &outputs);
             println!(
                 "TP {world}: graphs vs eager, {CHECK_TOKENS} tokens each: {same:?} tokens equal"
             );
@@ -171,11 +163,7 @@ fn main() -> ExitCode {
     }
     let base = &results[0].0;
     let ours = &results[1].0;
-    let same = base
-        .iter()
-        .zip(ours)
-        .map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count())
-        .collect::<Vec<_>>();
+    let same = agreement(base, ours);
     println!("greedy agreement TP 1 vs TP {tp}, {CHECK_TOKENS} tokens each: {same:?} tokens equal");
     // Reported, not required: bf16 partial sums reduced across GPUs round differently from
     // one GPU's f32 accumulation, and a random model's top logits are near ties, so long
@@ -274,6 +262,14 @@ fn generate<E: Executor>(
         }
     }
     out
+}
+
+/// For each pair of outputs, how many leading tokens they share.
+fn agreement(a: &[Vec<u32>], b: &[Vec<u32>]) -> Vec<usize> {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.iter().zip(y).take_while(|(p, q)| p == q).count())
+        .collect()
 }
 
 /// Output tokens per second over the steps where all `b` sequences decode.

@@ -14,7 +14,7 @@
 
 use cudarc::driver::{sys as drv, CudaSlice};
 
-use super::{check, CudaBackend, CudaError, A};
+use super::{CudaBackend, CudaError, A};
 
 /// Must match `AR_MAX_RANKS` and `AR_BLOCKS` in `kernels.cu`.
 pub(super) const MAX_RANKS: usize = 8;
@@ -81,13 +81,13 @@ pub(super) fn join(backends: &mut [CudaBackend]) -> Result<(), CudaError> {
     enable_peer_access(backends)?;
     let mut parts = Vec::with_capacity(world);
     for b in backends.iter() {
-        // SAFETY: staging buffers are written before they are read (each call copies first).
-        let stage = [0, 1].map(|_| {
-            check(
-                unsafe { b.stream.alloc::<u16>(STAGE_VALUES) },
-                "allocating all-reduce staging",
-            )
-        });
+        let staging = || {
+            // SAFETY: staging buffers are written before they are read (each call copies
+            // its values in first).
+            unsafe { b.stream.alloc::<u16>(STAGE_VALUES) }
+                .map_err(|e| CudaError::Device(format!("all-reduce staging buffer: {e:?}")))
+        };
+        let stage = [staging()?, staging()?];
         let flags = b
             .stream
             .alloc_zeros::<u32>(MAX_RANKS * BLOCKS)
