@@ -163,9 +163,10 @@ PY
     ncu64)
         # Where a batch-64 decode step of the 8b model goes, kernel by kernel: `bench engine`
         # eagerly (graphs off, so each kernel is its own launch) under Nsight Compute with
-        # the clocks and caches left alone; steps are cut at each greedy argmax and the last
-        # three (pure decode at batch 64) are summed by kernel. Then the same step with
-        # graphs on, timed by `bench engine` alone, for the host's share.
+        # the clocks and caches left alone; steps are cut at each greedy argmax, and those
+        # that decode 64 sequences (decode attention, no prefill attention, 64 rows
+        # embedded) are averaged by kernel. Then the same step with graphs on, timed by
+        # `bench engine` alone, for the host's share.
         NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
         SWITCHYARD_CUDA_GRAPHS=0 "$NCU" --csv --print-units base --clock-control none \
             --cache-control none --metrics gpu__time_duration.sum \
@@ -176,20 +177,28 @@ import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
 head = rows[0]; k, v = head.index("Kernel Name"), head.index("Metric Value")
 num = lambda x: x.replace(",", "")
-kernels = [(r[k], float(num(r[v]))) for r in rows[1:] if num(r[v]).replace(".", "", 1).isdigit()]
+g = head.index("Grid Size")
+kernels = [(r[k], float(num(r[v])), r[g]) for r in rows[1:] if num(r[v]).replace(".", "", 1).isdigit()]
 steps, cur = [], []
-for name, ns in kernels:
-    cur.append((name, ns))
+for name, ns, grid in kernels:
+    cur.append((name, ns, grid))
     if name.startswith("argmax_rows"):
         steps.append(cur); cur = []
-last = steps[-3:]
+def decode64(st):
+    names = [n for n, _, _ in st]
+    return (any(n.startswith("decode_attn") for n in names)
+            and not any(n.startswith("prefill_attn") for n in names)
+            and any(n == "embed" and gr == "(64, 1, 1)" for n, _, gr in st))
+last = [st for st in steps if decode64(st)]
+if not last:
+    sys.exit("no batch-64 decode step found")
 per = collections.defaultdict(lambda: [0, 0.0])
 for st in last:
-    for name, ns in st:
+    for name, ns, _ in st:
         short = name.split("(")[0][:70]
         per[short][0] += 1; per[short][1] += ns
-total = sum(ns for st in last for _, ns in st) / len(last)
-print(f"steps found {len(steps)}; last {len(last)} summed; kernels per step {len(last[0])}; GPU time per step {total/1e3:.1f} us")
+total = sum(ns for st in last for _, ns, _ in st) / len(last)
+print(f"steps found {len(steps)}; {len(last)} decode at batch 64, averaged; kernels per step {len(last[0])}; GPU time per step {total/1e3:.1f} us")
 print("| kernel | launches / step | us / step | share |")
 print("|---|---:|---:|---:|")
 for name, (n, ns) in sorted(per.items(), key=lambda x: -x[1][1]):
