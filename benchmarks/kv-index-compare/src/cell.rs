@@ -11,7 +11,7 @@ use dynamo_kv_router::protocols::{
     KvCacheStoredBlockData, LocalBlockHash, RouterEvent,
 };
 use dynamo_kv_router::RadixTree;
-use protocol::{KvEvent, KvEventData, StoredBlock};
+use protocol::{KvEvent, KvEventData};
 use serde::{Deserialize, Serialize};
 
 use crate::alloc::{live_bytes, rss_bytes};
@@ -96,15 +96,10 @@ impl Subject for Switchyard {
         let data = match op.kind {
             Kind::Store => KvEventData::BlockStored {
                 parent_hash: w.parent(op).map(|b| b.seq),
+                hashes: w.blocks(op).map(|b| b.seq).collect(),
                 // The index ignores tokens; leaving them out keeps the event comparable to
                 // the peer's, which has none.
-                blocks: w
-                    .blocks(op)
-                    .map(|b| StoredBlock {
-                        hash: b.seq,
-                        tokens: Vec::new(),
-                    })
-                    .collect(),
+                tokens: Vec::new(),
             },
             Kind::Remove => KvEventData::BlockRemoved {
                 hashes: w.blocks(op).map(|b| b.seq).collect(),

@@ -208,15 +208,20 @@ impl Harness {
             match data {
                 KvEventData::BlockStored {
                     parent_hash,
-                    blocks,
+                    hashes,
+                    tokens,
                 } => {
-                    assert!(!blocks.is_empty(), "empty BlockStored");
+                    assert!(!hashes.is_empty(), "empty BlockStored");
+                    assert_eq!(
+                        tokens.len(),
+                        hashes.len() * BS,
+                        "a block's worth of tokens each"
+                    );
                     let mut parent = parent_hash;
-                    for b in blocks {
-                        assert_eq!(b.tokens.len(), BS);
-                        assert_eq!(hash_block(parent, &b.tokens), b.hash, "broken chain");
-                        assert!(self.mirror.insert(b.hash), "hash {} stored twice", b.hash);
-                        parent = Some(b.hash);
+                    for (&hash, block) in hashes.iter().zip(tokens.chunks_exact(BS)) {
+                        assert_eq!(hash_block(parent, block), hash, "broken chain");
+                        assert!(self.mirror.insert(hash), "hash {hash} stored twice");
+                        parent = Some(hash);
                     }
                 }
                 KvEventData::BlockRemoved { hashes } => {

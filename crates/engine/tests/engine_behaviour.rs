@@ -140,9 +140,9 @@ fn apply(set: &mut HashSet<u64>, next_id: &mut u64, events: Vec<KvEvent>) {
         assert_eq!(ev.id, *next_id, "event ids must be consecutive");
         *next_id += 1;
         match ev.data {
-            KvEventData::BlockStored { blocks, .. } => {
-                for b in blocks {
-                    assert!(set.insert(b.hash), "block {} announced twice", b.hash);
+            KvEventData::BlockStored { hashes, .. } => {
+                for h in hashes {
+                    assert!(set.insert(h), "block {h} announced twice");
                 }
             }
             KvEventData::BlockRemoved { hashes } => {

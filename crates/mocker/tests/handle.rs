@@ -68,8 +68,8 @@ async fn streams_max_tokens_and_publishes_the_prompt_block_hashes() {
             assert_eq!(ev.id, prev + 1, "consecutive event ids");
         }
         last_id = Some(ev.id);
-        if let KvEventData::BlockStored { blocks, .. } = ev.data {
-            stored.extend(blocks.iter().map(|b| b.hash));
+        if let KvEventData::BlockStored { hashes, .. } = ev.data {
+            stored.extend(hashes);
         }
     }
     assert_eq!(stored, want);

@@ -8,22 +8,22 @@ use serde::{Deserialize, Serialize};
 /// Hash of one full KV block, chained over its parent (see `tokens::hash`).
 pub type BlockHash = u64;
 
-/// One block that entered the prefix cache.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredBlock {
-    pub hash: BlockHash,
-    /// The block's token ids (exactly one block's worth).
-    pub tokens: Vec<u32>,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum KvEventData {
-    /// Consecutive blocks of one sequence became reusable. `parent_hash` is the hash of the
-    /// block just before `blocks[0]`, `None` when the first block starts the sequence.
+    /// Consecutive blocks of one sequence became reusable: `hashes[0]` follows
+    /// `parent_hash` (`None` when it starts the sequence), each later block the one before.
+    ///
+    /// Flat, one buffer each, rather than a record per block: an engine commits a dozen
+    /// blocks in one event, and a router applies it by reading one array.
     BlockStored {
         parent_hash: Option<BlockHash>,
-        blocks: Vec<StoredBlock>,
+        hashes: Vec<BlockHash>,
+        /// The blocks' token ids, concatenated (a block's worth each, in order); empty when
+        /// the publisher leaves them out. Routers key on the hashes; tokens are for consumers
+        /// that hash differently. Snapshots carry hashes only.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tokens: Vec<u32>,
     },
     /// Blocks were evicted and can no longer be reused.
     BlockRemoved { hashes: Vec<BlockHash> },
@@ -46,4 +46,39 @@ pub struct KvEvent {
 pub struct KvSnapshot {
     pub last_event_id: Option<u64>,
     pub hashes: Vec<BlockHash>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_event_json_is_flat_and_leaves_out_empty_tokens() {
+        let ev = KvEvent {
+            id: 7,
+            data: KvEventData::BlockStored {
+                parent_hash: Some(1),
+                hashes: vec![2, 3],
+                tokens: Vec::new(),
+            },
+        };
+        let json = serde_json::to_value(&ev).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"id": 7, "type": "block_stored", "parent_hash": 1, "hashes": [2, 3]})
+        );
+        assert_eq!(serde_json::from_value::<KvEvent>(json).unwrap(), ev);
+
+        let with_tokens = KvEvent {
+            id: 8,
+            data: KvEventData::BlockStored {
+                parent_hash: None,
+                hashes: vec![4],
+                tokens: vec![10, 11],
+            },
+        };
+        let text = serde_json::to_string(&with_tokens).unwrap();
+        assert!(text.contains(r#""tokens":[10,11]"#), "{text}");
+        assert_eq!(serde_json::from_str::<KvEvent>(&text).unwrap(), with_tokens);
+    }
 }

@@ -4,4 +4,4 @@
 
 pub mod kv;
 
-pub use kv::{KvEvent, KvEventData, KvSnapshot, StoredBlock};
+pub use kv::{KvEvent, KvEventData, KvSnapshot};

@@ -297,12 +297,13 @@ impl KvIndex {
         match &ev.data {
             KvEventData::BlockStored {
                 parent_hash,
-                blocks,
+                hashes,
+                ..
             } => {
                 // The parent is not checked: hashes are chained, so a block stands for its
                 // prefix whether or not the parent is still cached. It only tells which
                 // run new blocks may extend.
-                self.store(slot, *parent_hash, true, blocks.len(), |i| blocks[i].hash);
+                self.store(slot, *parent_hash, true, hashes);
             }
             KvEventData::BlockRemoved { hashes } => self.evict(slot, hashes),
             KvEventData::AllBlocksCleared => self.clear_slot(slot),
@@ -351,7 +352,8 @@ impl KvIndex {
             })
             .collect();
         order.sort_by_key(|&(loc, _)| (loc.run, loc.off));
-        self.store(slot, None, false, order.len(), |i| order[i].1);
+        let order: Vec<u64> = order.into_iter().map(|(_, h)| h).collect();
+        self.store(slot, None, false, &order);
         let state = &mut self.slots[slot as usize];
         state.next_event = snapshot_next;
         state.needs_resync = false;
@@ -577,23 +579,17 @@ impl KvIndex {
         slot
     }
 
-    /// `slot` comes to hold the `n` blocks `hash(0..n)`, stored in that order after the
-    /// block `parent` (if any).
+    /// `slot` comes to hold the blocks `hashes`, stored in that order after the block
+    /// `parent` (if any).
     ///
     /// `chain`: each block is the child of the one before it (and the first of `parent`),
     /// as in an event. Without it (a snapshot) runs extended here are marked unlinked.
-    fn store(
-        &mut self,
-        slot: Slot,
-        parent: Option<u64>,
-        chain: bool,
-        n: usize,
-        hash: impl Fn(usize) -> u64,
-    ) {
+    fn store(&mut self, slot: Slot, parent: Option<u64>, chain: bool, hashes: &[u64]) {
+        let n = hashes.len();
         let mut prev = parent;
         let mut i = 0;
         while i < n {
-            let h = hash(i);
+            let h = hashes[i];
             if let Some(&loc) = self.locs.get(&h) {
                 let (mut run_id, mut off) = (loc.run, loc.off);
                 let mut depth = self.runs[run_id as usize].depth(slot);
@@ -603,20 +599,22 @@ impl KvIndex {
                     run_id = self.split(run_id, off);
                     (off, depth) = (0, 0);
                 }
-                // The event's next blocks, as far as they follow the run.
+                // The event's next blocks, as far as they follow the run. Two chains that
+                // share a block agree up to some point and differ after it: usually one
+                // compare at the span's end settles it, not one per block.
                 let run = &self.runs[run_id as usize];
-                let mut len = 1;
-                while i + len < n
-                    && (off as usize + len) < run.hashes.len()
-                    && run.hashes[off as usize + len] == hash(i + len)
-                {
-                    len += 1;
-                }
+                let on_run = &run.hashes[off as usize..];
+                let ours = &hashes[i..];
+                let len = if chain && !run.unlinked {
+                    chained_prefix(on_run, ours)
+                } else {
+                    common_prefix(on_run, ours)
+                };
                 let end = off + len as u32;
                 if depth < end {
                     self.set_depth(run_id, slot, end);
                 }
-                prev = Some(hash(i + len - 1));
+                prev = Some(hashes[i + len - 1]);
                 i += len;
             } else {
                 // New blocks go on the end of the previous block's run when the slot holds
@@ -632,7 +630,7 @@ impl KvIndex {
                 let mut off = self.runs[run_id as usize].len();
                 let first_new = off;
                 while i < n {
-                    let h = hash(i);
+                    let h = hashes[i];
                     if self.locs.contains_key(&h) {
                         break;
                     }
@@ -894,20 +892,14 @@ fn table_bytes<T>(capacity: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::StoredBlock;
 
     fn stored(id: u64, parent: Option<u64>, hashes: &[u64]) -> KvEvent {
         KvEvent {
             id,
             data: KvEventData::BlockStored {
                 parent_hash: parent,
-                blocks: hashes
-                    .iter()
-                    .map(|&hash| StoredBlock {
-                        hash,
-                        tokens: Vec::new(),
-                    })
-                    .collect(),
+                hashes: hashes.to_vec(),
+                tokens: Vec::new(),
             },
         }
     }

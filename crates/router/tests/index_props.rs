@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use proptest::prelude::*;
-use protocol::{KvEvent, KvEventData, StoredBlock};
+use protocol::{KvEvent, KvEventData};
 use router::index::KvIndex;
 use router::InstanceId;
 
@@ -177,8 +177,8 @@ struct Engine {
 impl Engine {
     fn emit(&mut self, data: KvEventData, dropped: bool) {
         match &data {
-            KvEventData::BlockStored { blocks, .. } => {
-                self.held.extend(blocks.iter().map(|b| b.hash));
+            KvEventData::BlockStored { hashes, .. } => {
+                self.held.extend(hashes.iter().copied());
             }
             KvEventData::BlockRemoved { hashes } => {
                 for h in hashes {
@@ -247,13 +247,8 @@ impl World {
                 for inst in first..(first + count).min(INSTANCES) {
                     let data = KvEventData::BlockStored {
                         parent_hash: start.checked_sub(1).map(|p| hashes[p]),
-                        blocks: hashes[start..]
-                            .iter()
-                            .map(|&hash| StoredBlock {
-                                hash,
-                                tokens: Vec::new(),
-                            })
-                            .collect(),
+                        hashes: hashes[start..].to_vec(),
+                        tokens: Vec::new(),
                     };
                     self.engines[inst].emit(data, dropped == Some(inst - first));
                 }
@@ -289,16 +284,10 @@ impl World {
                         .copied()
                         .filter(|h| !engine.held.contains(h))
                         .collect();
-                    let blocks = fresh
-                        .iter()
-                        .map(|&hash| StoredBlock {
-                            hash,
-                            tokens: Vec::new(),
-                        })
-                        .collect();
                     let data = KvEventData::BlockStored {
                         parent_hash: None,
-                        blocks,
+                        hashes: fresh.clone(),
+                        tokens: Vec::new(),
                     };
                     engine.emit(data, false);
                     engine.emit(KvEventData::BlockRemoved { hashes: fresh }, false);
@@ -384,8 +373,8 @@ impl World {
             }
             mirror.next_id = ev.id + 1;
             match &ev.data {
-                KvEventData::BlockStored { blocks, .. } => {
-                    mirror.held.extend(blocks.iter().map(|b| b.hash));
+                KvEventData::BlockStored { hashes, .. } => {
+                    mirror.held.extend(hashes.iter().copied());
                 }
                 KvEventData::BlockRemoved { hashes } => {
                     for h in hashes {

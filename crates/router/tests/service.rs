@@ -163,10 +163,8 @@ async fn a_gap_in_event_ids_resynchronises_from_a_snapshot() {
             id: 1000,
             data: KvEventData::BlockStored {
                 parent_hash: None,
-                blocks: vec![protocol::StoredBlock {
-                    hash: 42,
-                    tokens: vec![0; BS],
-                }],
+                hashes: vec![42],
+                tokens: vec![0; BS],
             },
         }],
     });

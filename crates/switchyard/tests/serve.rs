@@ -478,6 +478,14 @@ fn cpu_affinity_gives_the_engine_its_own_cores() {
     let mine = allowed_cpus(&std::fs::read_to_string("/proc/self/status").unwrap());
     // The test servers run one compute thread and, given here, one HTTP worker.
     let srv = Server::start(&["--http-threads", "1"]);
+    // The ready line can come before the new engine thread has named and placed itself
+    // (a fresh thread shows its parent's name until it runs); one answered request means
+    // it has.
+    let r = srv.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "hi", "max_tokens": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
     let threads = thread_cpus(srv.pid());
     let engine: Vec<_> = threads
         .iter()

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use protocol::{KvEvent, KvEventData, StoredBlock};
+use protocol::{KvEvent, KvEventData};
 
 /// Index of one KV block in the cache, `0..num_blocks`.
 pub type BlockId = u32;
@@ -178,29 +178,29 @@ impl BlockPool {
             return;
         }
         let mut run_parent = parent;
-        let mut run: Vec<StoredBlock> = Vec::new();
+        let mut hashes: Vec<u64> = Vec::new();
+        let mut run_tokens: Vec<u32> = Vec::new();
         for &(id, hash, tokens) in blocks {
             if self.try_register(id, hash, tokens) {
-                run.push(StoredBlock {
-                    hash,
-                    tokens: tokens.to_vec(),
-                });
-            } else if !run.is_empty() {
-                let blocks = std::mem::take(&mut run);
+                hashes.push(hash);
+                run_tokens.extend_from_slice(tokens);
+            } else if !hashes.is_empty() {
                 self.emit(KvEventData::BlockStored {
                     parent_hash: run_parent,
-                    blocks,
+                    hashes: std::mem::take(&mut hashes),
+                    tokens: std::mem::take(&mut run_tokens),
                 });
             }
-            if run.is_empty() {
+            if hashes.is_empty() {
                 // The next announced block, if any, follows this one.
                 run_parent = Some(hash);
             }
         }
-        if !run.is_empty() {
+        if !hashes.is_empty() {
             self.emit(KvEventData::BlockStored {
                 parent_hash: run_parent,
-                blocks: run,
+                hashes,
+                tokens: run_tokens,
             });
         }
     }
@@ -342,8 +342,9 @@ mod tests {
         match &ev.data {
             KvEventData::BlockStored {
                 parent_hash,
-                blocks,
-            } => (*parent_hash, blocks.iter().map(|b| b.hash).collect()),
+                hashes,
+                ..
+            } => (*parent_hash, hashes.clone()),
             other => panic!("expected BlockStored, got {other:?}"),
         }
     }
