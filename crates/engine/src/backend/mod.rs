@@ -316,6 +316,15 @@ pub trait Backend: Send + 'static {
     /// `x` as it is.
     fn all_reduce(&self, _x: &mut Self::Act) {}
 
+    /// A rank of this backend's group failed mid-step and will not reach its next
+    /// collective: release the ranks waiting in one (theirs fail or return garbage; the
+    /// step is lost anyway) and fail every later collective of the group. Returns false
+    /// when this backend cannot, in which case waiting for the other ranks would hang.
+    /// A backend outside any group has nothing to release.
+    fn abort_group(&self) -> bool {
+        true
+    }
+
     /// Bytes of device memory the KV cache may take, asked once the weights are loaded.
     /// `None` (host backends) leaves the size to the caller's `kv_cache_bytes`.
     fn kv_cache_budget(&self) -> Result<Option<usize>, ModelError> {

@@ -1,6 +1,7 @@
 //! Binds a [`Model`] and its KV cache on one backend to the core's [`Executor`] trait, and
 //! builds a ready engine from a model directory.
 
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use super::ranks::RankPool;
@@ -208,6 +209,12 @@ where
 
     /// Runs `f` on every rank at once (their all-reduces pair up) and returns rank 0's
     /// result; after the all-reduces every rank holds the same logits.
+    ///
+    /// A rank that panics first aborts the group, so that the ranks waiting for it in an
+    /// all-reduce are released (and fail) instead of waiting forever; the panic then
+    /// reaches the caller (the engine thread, which stops: the instance is gone, and its
+    /// router fails over). Where the backend cannot release them, the process aborts:
+    /// a crash is seen and restarted, a hang is not.
     fn on_all_ranks<T>(&mut self, f: impl Fn(&mut ModelExecutor<B>) -> T + Sync) -> T {
         let world = self.shards.len();
         let shards = ShardsPtr(self.shards.as_mut_ptr());
@@ -217,7 +224,20 @@ where
             // SAFETY: `rank` is in bounds and each rank is run exactly once per step, so
             // no two threads hold the same shard; `run` returns after every rank is done.
             let shard = unsafe { &mut *shards.0.add(rank) };
-            f(shard)
+            match catch_unwind(AssertUnwindSafe(|| f(&mut *shard))) {
+                Ok(out) => out,
+                Err(panic) => {
+                    if world > 1 && !shard.backend().abort_group() {
+                        tracing::error!(
+                            rank,
+                            "a tensor-parallel rank failed and its group cannot release \
+                             the others from their all-reduce; aborting the process"
+                        );
+                        std::process::abort();
+                    }
+                    resume_unwind(panic)
+                }
+            }
         })
     }
 }
@@ -329,4 +349,77 @@ pub fn build_tp_engine<B: Backend>(
             shards,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::GROUP_ABORTED;
+    use crate::backend::Backend;
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
+
+    fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    }
+
+    /// A rank that fails before its all-reduce must not leave the others waiting in it:
+    /// the step fails with that rank's panic, and the group stays failed.
+    #[test]
+    fn a_rank_failing_mid_step_releases_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        synth::synthesize(&synth::SynthOptions {
+            out: dir.path().to_path_buf(),
+            arch: synth::Arch::Llama,
+            size: synth::Size::Tiny,
+            dtype: synth::DType::F32,
+            seed: 3,
+            progress: false,
+        })
+        .unwrap();
+        let opts = EngineOptions {
+            num_blocks: Some(16),
+            ..EngineOptions::default()
+        };
+        let mut engine = build_cpu_tp_engine(dir.path(), 4, &opts, &mut |_, _| {}).unwrap();
+        let (tx, rx) = channel();
+        // On its own thread, so that a regression (a hang) fails the test by its timeout.
+        std::thread::spawn(move || {
+            let tp = engine.executor_mut();
+            let step = |tp: &mut CpuTpExecutor| {
+                catch_unwind(AssertUnwindSafe(|| {
+                    tp.on_all_ranks(|s| {
+                        let b = s.backend();
+                        let mut x = b.alloc(1, 8);
+                        if s.model().shard().rank == 1 {
+                            panic!("rank 1 fails before its all-reduce");
+                        }
+                        b.all_reduce(&mut x);
+                        b.all_reduce(&mut x);
+                    })
+                }))
+                .map_err(|p| panic_text(&*p))
+            };
+            let first = step(tp);
+            // The group stays aborted: the next step fails at once instead of waiting.
+            let second = step(tp);
+            let _ = tx.send((first, second));
+        });
+        let (first, second) = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the step returned instead of hanging in an all-reduce");
+        assert_eq!(
+            first.unwrap_err(),
+            "rank 1 fails before its all-reduce",
+            "the failing rank's panic is the one raised, not the others' abort"
+        );
+        let second = second.unwrap_err();
+        assert!(
+            second == GROUP_ABORTED || second == "rank 1 fails before its all-reduce",
+            "{second}"
+        );
+    }
 }

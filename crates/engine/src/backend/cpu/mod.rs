@@ -7,7 +7,7 @@ pub mod kernels;
 mod simd;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use kernels::{Matrix, WeightData};
 
@@ -184,38 +184,81 @@ pub struct CpuBackend {
 /// An in-process all-reduce for tensor-parallel emulation on the CPU: each rank (one
 /// thread) deposits its partial sums, then every rank adds all deposits in rank order, so
 /// every rank ends with bit-identical results.
+///
+/// A rank that fails mid-step never arrives; [`CpuComm::abort`] then releases the ranks
+/// waiting for it, and every all-reduce of the group panics from then on.
 #[derive(Debug)]
 pub struct CpuComm {
     world: usize,
-    barrier: Barrier,
+    /// (ranks arrived at the current rendezvous, rendezvous completed so far, aborted).
+    meet: Mutex<(usize, u64, bool)>,
+    met: Condvar,
     slots: Vec<Mutex<Vec<f32>>>,
 }
+
+/// What a rank's all-reduce panics with once its group was aborted.
+pub const GROUP_ABORTED: &str = "tensor-parallel group aborted: another rank failed";
 
 impl CpuComm {
     pub fn new(world: usize) -> Arc<Self> {
         Arc::new(CpuComm {
             world,
-            barrier: Barrier::new(world),
+            meet: Mutex::new((0, 0, false)),
+            met: Condvar::new(),
             slots: (0..world).map(|_| Mutex::new(Vec::new())).collect(),
         })
     }
 
+    /// Releases every rank waiting in an all-reduce and fails every later one.
+    pub fn abort(&self) {
+        let mut meet = self.meet.lock().unwrap_or_else(|e| e.into_inner());
+        meet.2 = true;
+        self.met.notify_all();
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.meet.lock().unwrap_or_else(|e| e.into_inner()).2
+    }
+
+    /// Waits until every rank has arrived (a barrier); panics if the group is aborted
+    /// before or while waiting.
+    fn rendezvous(&self) {
+        let mut meet = self.meet.lock().unwrap_or_else(|e| e.into_inner());
+        if meet.2 {
+            panic!("{GROUP_ABORTED}");
+        }
+        let round = meet.1;
+        meet.0 += 1;
+        if meet.0 == self.world {
+            meet.0 = 0;
+            meet.1 += 1;
+            self.met.notify_all();
+            return;
+        }
+        while meet.1 == round && !meet.2 {
+            meet = self.met.wait(meet).unwrap_or_else(|e| e.into_inner());
+        }
+        if meet.1 == round {
+            panic!("{GROUP_ABORTED}");
+        }
+    }
+
     fn all_reduce(&self, rank: usize, x: &mut [f32]) {
         {
-            let mut slot = self.slots[rank].lock().expect("no rank panicked");
+            let mut slot = self.slots[rank].lock().unwrap_or_else(|e| e.into_inner());
             slot.clear();
             slot.extend_from_slice(x);
         }
-        self.barrier.wait();
+        self.rendezvous();
         x.fill(0.0);
         for r in 0..self.world {
-            let slot = self.slots[r].lock().expect("no rank panicked");
+            let slot = self.slots[r].lock().unwrap_or_else(|e| e.into_inner());
             for (a, b) in x.iter_mut().zip(slot.iter()) {
                 *a += b;
             }
         }
         // Nobody may overwrite a slot before every rank has read it.
-        self.barrier.wait();
+        self.rendezvous();
     }
 }
 
@@ -601,6 +644,13 @@ impl Backend for CpuBackend {
         if let Some((rank, comm)) = &self.comm {
             comm.all_reduce(*rank, &mut x.data);
         }
+    }
+
+    fn abort_group(&self) -> bool {
+        if let Some((_, comm)) = &self.comm {
+            comm.abort();
+        }
+        true
     }
 }
 

@@ -229,6 +229,8 @@ pub struct CudaBackend {
     car: Option<allreduce::CustomAr>,
     /// Which all-reduce a group member uses.
     ar_choice: Cell<AllReduceImpl>,
+    /// Ranks in this backend's tensor-parallel group (1 outside any).
+    world: usize,
 }
 
 /// Which all-reduce the ranks of a group use (`CudaBackend::set_all_reduce`).
@@ -359,6 +361,7 @@ impl CudaBackend {
             nccl: None,
             car: None,
             ar_choice: Cell::new(AllReduceImpl::Auto),
+            world: 1,
         })
     }
 
@@ -409,7 +412,9 @@ impl CudaBackend {
         }
         let mut backends = Vec::with_capacity(devices.len());
         for &device in devices {
-            backends.push(CudaBackend::new(CudaOptions { device, ..opts })?);
+            let mut b = CudaBackend::new(CudaOptions { device, ..opts })?;
+            b.world = devices.len();
+            backends.push(b);
         }
         if nccl {
             let ordinals: Vec<i32> = devices.iter().map(|&d| d as i32).collect();
@@ -1055,6 +1060,14 @@ impl Backend for CudaBackend {
             return;
         }
         self.all_reduce_raw(self.act_ptr(x), x.rows * x.cols);
+    }
+
+    // The peers of a failed rank wait on the GPU, in NCCL's kernels or ours, where the
+    // host cannot release them safely: aborting an NCCL communicator frees it under the
+    // thread still using it, and our kernel has no abort flag yet. So a group of more
+    // than one cannot; the caller then stops the process rather than hang.
+    fn abort_group(&self) -> bool {
+        self.world <= 1
     }
 
     fn kv_cache_budget(&self) -> Result<Option<usize>, ModelError> {
