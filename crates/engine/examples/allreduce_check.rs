@@ -155,6 +155,10 @@ fn main() -> ExitCode {
             if exact { "yes" } else { "NO" }
         );
     }
+    ok &= gather_table(
+        &mut ranks,
+        args.first().map(String::as_str) == Some("--shared-gpu"),
+    );
     for r in &ranks {
         r.set_all_reduce(AllReduceImpl::Auto);
     }
@@ -163,6 +167,83 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// The output layer's all-gather: each rank's share of the logit columns of `rows` rows
+/// (`ceil(vocab / world)` columns, the last rank's padded), gathered into `vocab` columns
+/// on every rank. Vocabularies: odd (the scalar path), small, and Llama 3's; 257 rows of
+/// the last do not fit one staging buffer, so they run in pieces.
+fn gather_table(ranks: &mut [CudaBackend], shared: bool) -> bool {
+    let world = ranks.len();
+    let mut ok = true;
+    println!();
+    println!("| rows | vocab | columns per rank | own kernel | NCCL |");
+    println!("|---:|---:|---:|---|---|");
+    let cases: [(usize, usize); 5] = [
+        (1, 13),
+        (3, 1000),
+        (1, 128_256),
+        (64, 128_256),
+        (257, 128_256),
+    ];
+    for (rows, vocab) in cases {
+        let c = vocab.div_ceil(world);
+        let mut row = Vec::new();
+        for which in [AllReduceImpl::Own, AllReduceImpl::Nccl] {
+            if which == AllReduceImpl::Nccl && shared {
+                row.push("—");
+                continue;
+            }
+            for r in ranks.iter() {
+                r.set_all_reduce(which);
+            }
+            let results: Vec<_> = std::thread::scope(|s| {
+                let handles: Vec<_> = ranks
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(rank, b)| {
+                        let block = gather_block(rows, c, rank);
+                        s.spawn(move || b.all_gather_check(&block, rows, c, vocab))
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let want: Vec<u16> = (0..rows)
+                .flat_map(|r| (0..vocab).map(move |col| gather_value(r, col % c, col / c)))
+                .collect();
+            let mut exact = true;
+            for (rank, got) in results.iter().enumerate() {
+                match got {
+                    Ok(got) if *got == want => {}
+                    Ok(got) => {
+                        let bad = got.iter().zip(&want).position(|(a, b)| a != b);
+                        eprintln!("gather {which:?}, {rows}x{vocab}, rank {rank}: first wrong value at {bad:?}");
+                        exact = false;
+                    }
+                    Err(e) => {
+                        eprintln!("gather {which:?}, {rows}x{vocab}, rank {rank}: {e}");
+                        exact = false;
+                    }
+                }
+            }
+            ok &= exact;
+            row.push(if exact { "exact" } else { "WRONG" });
+        }
+        println!("| {rows} | {vocab} | {c} | {} | {} |", row[0], row[1]);
+    }
+    ok
+}
+
+/// Rank `q`'s block: `[rows, c]`, integers below 256 (exact in bf16), different per rank;
+/// its padding columns (past the vocabulary) hold values too, which must not arrive.
+fn gather_block(rows: usize, c: usize, q: usize) -> Vec<u16> {
+    (0..rows)
+        .flat_map(|r| (0..c).map(move |j| gather_value(r, j, q)))
+        .collect()
+}
+
+fn gather_value(r: usize, j: usize, q: usize) -> u16 {
+    bf16_bits(((r * 131 + j * 7 + q * 3) % 251) as f32)
 }
 
 /// Rank `rank`'s values: small integers (exact in bf16, and so are their sums).

@@ -7,8 +7,8 @@
 //! communicators of its own: the tensor-parallel path (rank threads, all-reduces in and out
 //! of graphs) on one GPU. With `--shared-gpu` all N ranks run on GPU 0, joined by the
 //! all-reduce of our own: the sharded model on CUDA checked on a single-GPU machine (its
-//! speeds mean nothing: the ranks share the GPU; the 8b model hung there at its first
-//! decode graph, see docs/gpu.md, so use the small one). `TP_CHECK_TRACE=1` prints each
+//! speeds mean nothing: the ranks share the GPU; TP 2 runs for the small and 8b models,
+//! TP 4 of the small one did not finish, see docs/gpu.md). `TP_CHECK_TRACE=1` prints each
 //! phase and step. Run with NCCL_NVLS_ENABLE=0.
 //!
 //! ```text

@@ -316,6 +316,13 @@ pub trait Backend: Send + 'static {
     /// `x` as it is.
     fn all_reduce(&self, _x: &mut Self::Act) {}
 
+    /// The vocabulary-parallel output layer's gather: rank `r` computed columns
+    /// `r * c .. (r + 1) * c` of every row (`local`, `[rows, c]`); every rank receives all
+    /// of them in `out` (`[rows, cols]`, `cols <= world * c`: columns past `cols`, the
+    /// last rank's padding, are dropped). Outside any group, `out` is `local` cut to
+    /// `cols` columns.
+    fn all_gather_cols(&self, local: &Self::Act, out: &mut Self::Act);
+
     /// A rank of this backend's group failed mid-step and will not reach its next
     /// collective: release the ranks waiting in one (theirs fail or return garbage; the
     /// step is lost anyway) and fail every later collective of the group. Returns false

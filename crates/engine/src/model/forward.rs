@@ -26,7 +26,9 @@ struct Layer<B: Backend> {
 pub struct Model<B: Backend> {
     config: ModelConfig,
     embed: B::Weight,
-    /// `None` when the output layer is tied to the embedding.
+    /// `None` when the output layer is tied to the embedding (and not split). In a group
+    /// of more than one rank, this rank's vocabulary rows ([`TpShard::vocab`]), padded to
+    /// [`TpShard::vocab_width`], tied or not.
     lm_head: Option<B::Weight>,
     norm: B::Vector,
     layers: Vec<Layer<B>>,
@@ -229,7 +231,19 @@ impl<B: Backend> Model<B> {
         }
         let norm = backend.upload_vector(&[get("model.norm.weight".into(), &[h])?])?;
         // Some tied checkpoints still carry lm_head.weight; use it only when untied.
-        let lm_head = if c.tie_word_embeddings {
+        let lm_head = if shard.world > 1 {
+            let split = Split::RowsPadded {
+                range: shard.vocab(c),
+                width: shard.vocab_width(c),
+            };
+            let t = if c.tie_word_embeddings {
+                // Already counted for progress as the embedding.
+                ckpt.get("model.embed_tokens.weight", &[v, h])?
+            } else {
+                get("lm_head.weight".into(), &[v, h])?
+            };
+            Some(upload_split(&[(t, split)], |p| backend.upload_linear(p))?)
+        } else if c.tie_word_embeddings {
             None
         } else {
             Some(backend.upload_linear(&[get("lm_head.weight".into(), &[v, h])?])?)
@@ -325,13 +339,16 @@ impl<B: Backend> Model<B> {
         b.gather_logit_rows(&residual, &step, &mut last);
         let mut last_normed = b.alloc(rows, c.hidden_size);
         b.rms_norm(&last, &self.norm, eps, &mut last_normed);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = b.alloc(rows, c.vocab_size);
-        b.matmul(
-            &last_normed,
-            self.lm_head.as_ref().unwrap_or(&self.embed),
-            None,
-            &mut logits,
-        );
+        if self.shard.world > 1 {
+            // This rank's vocabulary columns of every row, then all of them on every rank.
+            let mut local = b.alloc(rows, self.shard.vocab_width(c));
+            b.matmul(&last_normed, head, None, &mut local);
+            b.all_gather_cols(&local, &mut logits);
+        } else {
+            b.matmul(&last_normed, head, None, &mut logits);
+        }
         logits
     }
 }

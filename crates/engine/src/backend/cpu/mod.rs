@@ -243,6 +243,22 @@ impl CpuComm {
         }
     }
 
+    /// Every rank's `[rows, c]` block side by side in `out` (`[rows, cols]`), rank order,
+    /// columns past `cols` dropped.
+    fn all_gather_cols(&self, rank: usize, local: &[f32], c: usize, out: &mut [f32], cols: usize) {
+        {
+            let mut slot = self.slots[rank].lock().unwrap_or_else(|e| e.into_inner());
+            slot.clear();
+            slot.extend_from_slice(local);
+        }
+        self.rendezvous();
+        for q in 0..self.world {
+            let slot = self.slots[q].lock().unwrap_or_else(|e| e.into_inner());
+            gather_block(&slot, c, q, out, cols);
+        }
+        self.rendezvous();
+    }
+
     fn all_reduce(&self, rank: usize, x: &mut [f32]) {
         {
             let mut slot = self.slots[rank].lock().unwrap_or_else(|e| e.into_inner());
@@ -259,6 +275,19 @@ impl CpuComm {
         }
         // Nobody may overwrite a slot before every rank has read it.
         self.rendezvous();
+    }
+}
+
+/// Copies rank `q`'s `[rows, c]` block into columns `q * c ..` of `out` (`[rows, cols]`),
+/// dropping those past `cols`.
+fn gather_block(block: &[f32], c: usize, q: usize, out: &mut [f32], cols: usize) {
+    let start = (q * c).min(cols);
+    let n = (start + c).min(cols) - start;
+    if c == 0 || n == 0 {
+        return;
+    }
+    for (src, dst) in block.chunks_exact(c).zip(out.chunks_exact_mut(cols)) {
+        dst[start..start + n].copy_from_slice(&src[..n]);
     }
 }
 
@@ -646,6 +675,16 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn all_gather_cols(&self, local: &CpuAct, out: &mut CpuAct) {
+        debug_assert_eq!(local.rows, out.rows);
+        match &self.comm {
+            Some((rank, comm)) => {
+                comm.all_gather_cols(*rank, &local.data, local.cols, &mut out.data, out.cols)
+            }
+            None => gather_block(&local.data, local.cols, 0, &mut out.data, out.cols),
+        }
+    }
+
     fn abort_group(&self) -> bool {
         if let Some((_, comm)) = &self.comm {
             comm.abort();
@@ -666,5 +705,50 @@ pub fn matrix_dtype(m: &Matrix) -> DType {
         WeightData::F32(_) => DType::F32,
         WeightData::Bf16(_) => DType::Bf16,
         WeightData::F16(_) => DType::F16,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn act(rows: usize, cols: usize, data: &[f32]) -> CpuAct {
+        CpuAct {
+            rows,
+            cols,
+            data: data.to_vec(),
+        }
+    }
+
+    /// Two ranks' column blocks side by side on both, the last rank's padding dropped.
+    #[test]
+    fn all_gather_cols_joins_rank_blocks_and_drops_padding() {
+        let comm = CpuComm::new(2);
+        let blocks = [
+            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            vec![7.0, 8.0, 0.0, 9.0, 10.0, 0.0],
+        ];
+        let outs: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    let b = CpuBackend::with_comm(rank, comm.clone());
+                    let local = act(2, 3, &blocks[rank]);
+                    s.spawn(move || {
+                        let mut out = act(2, 5, &[0.0; 10]);
+                        b.all_gather_cols(&local, &mut out);
+                        out.data.clone()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let want = vec![1.0, 2.0, 3.0, 7.0, 8.0, 4.0, 5.0, 6.0, 9.0, 10.0];
+        assert_eq!(outs, vec![want.clone(), want]);
+
+        // Outside a group the block is cut to the output's width.
+        let alone = CpuBackend::new();
+        let mut out = act(2, 2, &[0.0; 4]);
+        alone.all_gather_cols(&act(2, 3, &blocks[0]), &mut out);
+        assert_eq!(out.data, vec![1.0, 2.0, 4.0, 5.0]);
     }
 }

@@ -116,6 +116,49 @@ pub(super) fn join(backends: &mut [CudaBackend]) -> Result<(), CudaError> {
 }
 
 impl CudaBackend {
+    /// The group's `[rows, c]` blocks at `local` side by side in `out` (`[rows, cols]`,
+    /// rank order, columns past `cols` dropped), in pieces of whole rows that fit one
+    /// staging buffer. Every rank must make the same calls.
+    pub(super) fn custom_all_gather(
+        &self,
+        car: &CustomAr,
+        local: u64,
+        rows: usize,
+        c: usize,
+        out: u64,
+        cols: usize,
+    ) {
+        let per = (STAGE_VALUES / c.max(1)).max(1);
+        let vec = i32::from(
+            c.is_multiple_of(8)
+                && cols.is_multiple_of(8)
+                && local.is_multiple_of(16)
+                && out.is_multiple_of(16),
+        );
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = (rows - r0).min(per);
+            self.launch(
+                &self.k.custom_all_gather,
+                (BLOCKS as u32, 1, 1),
+                THREADS,
+                &[
+                    A::P(local + 2 * (r0 * c) as u64),
+                    A::I(n as i32),
+                    A::I(c as i32),
+                    A::P(out + 2 * (r0 * cols) as u64),
+                    A::I(cols as i32),
+                    A::I(car.rank as i32),
+                    A::I(car.world as i32),
+                    A::P(self.ptr(&car.table)),
+                    A::I(vec),
+                ],
+                "custom_all_gather",
+            );
+            r0 += n;
+        }
+    }
+
     /// Sums the `n` bf16 values at `ptr` over the group with the kernel of our own, in
     /// pieces of at most one staging buffer. Every rank must make the same calls.
     pub(super) fn custom_all_reduce(&self, car: &CustomAr, ptr: u64, n: usize) {

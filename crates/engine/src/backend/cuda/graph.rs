@@ -240,6 +240,7 @@ impl CudaBackend {
             self.stream.memcpy_htod(&meta, &mut g.meta),
             "uploading graph step metadata",
         );
+        self.meet_before_waiting();
         check(g.graph.0.launch(), "cuGraphLaunch");
         let mut ids = check(self.stream.clone_dtoh(&g.ids), "copying sampled tokens");
         ids.truncate(n);

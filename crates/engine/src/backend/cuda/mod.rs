@@ -231,6 +231,9 @@ pub struct CudaBackend {
     ar_choice: Cell<AllReduceImpl>,
     /// Ranks in this backend's tensor-parallel group (1 outside any).
     world: usize,
+    /// Ranks sharing one GPU (`shared_device_group`) meet here before launching a kernel
+    /// that waits for the others (see `meet_before_waiting`).
+    shared_gpu: Option<Arc<std::sync::Barrier>>,
 }
 
 /// Which all-reduce the ranks of a group use (`CudaBackend::set_all_reduce`).
@@ -362,6 +365,7 @@ impl CudaBackend {
             car: None,
             ar_choice: Cell::new(AllReduceImpl::Auto),
             world: 1,
+            shared_gpu: None,
         })
     }
 
@@ -398,7 +402,25 @@ impl CudaBackend {
         device: usize,
         world: usize,
     ) -> Result<Vec<Self>, CudaError> {
-        Self::group(opts, &vec![device; world], false, true)
+        let mut group = Self::group(opts, &vec![device; world], false, true)?;
+        let meet = Arc::new(std::sync::Barrier::new(group.len()));
+        for b in &mut group {
+            b.shared_gpu = Some(Arc::clone(&meet));
+        }
+        Ok(group)
+    }
+
+    /// Ranks sharing a GPU share its context, and some driver calls (loading a kernel on
+    /// first use, cuBLAS's included; instantiating a graph) wait for the context's running
+    /// kernels. If one rank's kernel is already waiting for the others in a collective
+    /// while another rank is in such a call, neither moves: the hang docs/gpu.md recorded
+    /// for the 8b model. So on a shared GPU every rank finishes what it launches before a
+    /// collective (or a graph holding collectives) before any of them launches it. Ranks
+    /// on separate GPUs have separate contexts and skip this.
+    fn meet_before_waiting(&self) {
+        if let Some(meet) = &self.shared_gpu {
+            meet.wait();
+        }
     }
 
     fn group(
@@ -485,6 +507,32 @@ impl CudaBackend {
         Ok((out, us))
     }
 
+    /// For checks: the output layer's all-gather (`Backend::all_gather_cols`) of this
+    /// rank's `[rows, c]` block (`block`, bf16 bits) into `[rows, cols]`, returned as bits.
+    /// Every rank must call this at the same time with the same shapes.
+    pub fn all_gather_check(
+        &self,
+        block: &[u16],
+        rows: usize,
+        c: usize,
+        cols: usize,
+    ) -> Result<Vec<u16>, CudaError> {
+        let dev = |e| CudaError::Device(format!("all-gather check: {e:?}"));
+        let local = CudaAct {
+            rows,
+            cols: c,
+            buf: ActBuf::Own(self.stream.clone_htod(block).map_err(dev)?),
+        };
+        let mut out = self.alloc(rows, cols);
+        self.all_gather_cols(&local, &mut out);
+        let host = match &out.buf {
+            ActBuf::Own(b) => self.stream.clone_dtoh(b).map_err(dev)?,
+            ActBuf::Arena { .. } => unreachable!("no graph is being recorded"),
+        };
+        self.synchronize()?;
+        Ok(host[..rows * cols].to_vec())
+    }
+
     /// The all-reduce of `n` bf16 values at `ptr`, through the implementation chosen.
     fn all_reduce_raw(&self, ptr: u64, n: usize) {
         let own = self.car.as_ref().filter(|car| match self.ar_choice.get() {
@@ -502,6 +550,7 @@ impl CudaBackend {
             }
         });
         if let Some(car) = own {
+            self.meet_before_waiting();
             self.custom_all_reduce(car, ptr, n);
             return;
         }
@@ -1060,6 +1109,65 @@ impl Backend for CudaBackend {
             return;
         }
         self.all_reduce_raw(self.act_ptr(x), x.rows * x.cols);
+    }
+
+    fn all_gather_cols(&self, local: &CudaAct, out: &mut CudaAct) {
+        let (rows, c) = (local.rows, local.cols);
+        let cols = out.cols;
+        self.reshape(out, rows, cols);
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let own = self
+            .car
+            .as_ref()
+            .filter(|_| self.nccl.is_none() || self.ar_choice.get() == AllReduceImpl::Own);
+        if let Some(car) = own {
+            self.meet_before_waiting();
+            self.custom_all_gather(car, self.act_ptr(local), rows, c, self.act_ptr(out), cols);
+            return;
+        }
+        let gathered;
+        let (src, world) = match &self.nccl {
+            Some(comm) => {
+                gathered = self.alloc(self.world * rows, c);
+                // SAFETY: `local` holds rows * c bf16 values and `gathered` world times as
+                // many, both on this device; the call is ordered on this backend's stream.
+                let r = unsafe {
+                    cudarc::nccl::result::all_gather(
+                        self.act_ptr(local) as *const c_void,
+                        self.act_ptr(&gathered) as *mut c_void,
+                        rows * c,
+                        cudarc::nccl::sys::ncclDataType_t::ncclBfloat16,
+                        comm.0,
+                        self.stream.cu_stream() as _,
+                    )
+                };
+                if let Err(e) = r {
+                    panic!("NCCL all-gather failed: {e:?}");
+                }
+                (&gathered, self.world)
+            }
+            // Outside a group: this rank's block is every column there is.
+            None => (local, 1),
+        };
+        let vec = i32::from(c.is_multiple_of(8) && cols.is_multiple_of(8));
+        let units = rows * cols / if vec == 1 { 8 } else { 1 };
+        self.launch(
+            &self.k.interleave_cols,
+            (units.div_ceil(256).clamp(1, 4 * self.num_sms) as u32, 1, 1),
+            256,
+            &[
+                A::P(self.act_ptr(src)),
+                A::I(rows as i32),
+                A::I(c as i32),
+                A::I(world as i32),
+                A::P(self.act_ptr(out)),
+                A::I(cols as i32),
+                A::I(vec),
+            ],
+            "interleave_cols",
+        );
     }
 
     // The peers of a failed rank wait on the GPU, in NCCL's kernels or ours, where the

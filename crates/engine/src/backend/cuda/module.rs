@@ -96,6 +96,10 @@ pub struct Kernels {
     pub decode_reduce: CudaFunction,
     /// The all-reduce of our own for ranks of one process (`allreduce.rs`).
     pub custom_all_reduce: CudaFunction,
+    /// Its all-gather of the output layer's logit columns.
+    pub custom_all_gather: CudaFunction,
+    /// Rank blocks of an NCCL all-gather into logit columns.
+    pub interleave_cols: CudaFunction,
     /// `gemv_M` for M = 1..=GEMV_MAX_ROWS, at index M - 1.
     pub gemv: Vec<CudaFunction>,
     /// `[head_dim index][group index]` for head_dim 16/32/64/128 and group 1/2/4/8.
@@ -166,6 +170,8 @@ impl Kernels {
             bf16_to_f32: f("bf16_to_f32")?,
             decode_reduce: f("decode_reduce")?,
             custom_all_reduce: f("custom_all_reduce")?,
+            custom_all_gather: f("custom_all_gather")?,
+            interleave_cols: f("interleave_cols")?,
             gemv: (1..=GEMV_MAX_ROWS)
                 .map(|m| f(&format!("gemv_{m}")))
                 .collect::<Result<Vec<_>, _>>()?,

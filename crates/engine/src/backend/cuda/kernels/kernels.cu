@@ -919,8 +919,13 @@ __device__ __forceinline__ bf16 ld_cg_u16(const bf16* p) {
     return v;
 }
 
-extern "C" __global__ void custom_all_reduce(bf16* data, int n, int rank, int world,
-                                             const unsigned long long* table, int vec) {
+// Phase one of a call, shared by the all-reduce and the all-gather: this block's slice of
+// the `n` values (`[*u0, *u1)` in units of 8 values when `vec`, else 1), copied from `src`
+// into this rank's staging buffer for the call, the call published to every rank, and
+// every rank's publication awaited. Returns which staging buffer the call uses.
+__device__ __forceinline__ int ar_publish(const bf16* src, int n, int rank, int world,
+                                          const unsigned long long* table, int vec, int* u0,
+                                          int* u1) {
     const int b = blockIdx.x;
     u32* my_flags = (u32*)table[rank * 3 + 2];
     __shared__ u32 call;
@@ -934,14 +939,15 @@ extern "C" __global__ void custom_all_reduce(bf16* data, int n, int rank, int wo
     const int unit = vec ? 8 : 1;
     const int units = (n + unit - 1) / unit;
     const int per = (units + gridDim.x - 1) / gridDim.x;
-    const int u0 = min(units, b * per), u1 = min(units, u0 + per);
+    *u0 = min(units, b * per);
+    *u1 = min(units, *u0 + per);
 
     if (vec) {
-        const uint4* src = (const uint4*)data;
+        const uint4* s = (const uint4*)src;
         uint4* dst = (uint4*)mine;
-        for (int u = u0 + threadIdx.x; u < u1; u += blockDim.x) dst[u] = src[u];
+        for (int u = *u0 + threadIdx.x; u < *u1; u += blockDim.x) dst[u] = s[u];
     } else {
-        for (int u = u0 + threadIdx.x; u < u1; u += blockDim.x) mine[u] = data[u];
+        for (int u = *u0 + threadIdx.x; u < *u1; u += blockDim.x) mine[u] = src[u];
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -957,6 +963,13 @@ extern "C" __global__ void custom_all_reduce(bf16* data, int n, int rank, int wo
         }
     }
     __syncthreads();
+    return which;
+}
+
+extern "C" __global__ void custom_all_reduce(bf16* data, int n, int rank, int world,
+                                             const unsigned long long* table, int vec) {
+    int u0, u1;
+    const int which = ar_publish(data, n, rank, world, table, vec, &u0, &u1);
 
     if (vec) {
         for (int u = u0 + threadIdx.x; u < u1; u += blockDim.x) {
@@ -978,6 +991,52 @@ extern "C" __global__ void custom_all_reduce(bf16* data, int n, int rank, int wo
                 acc += bf2f(ld_cg_u16(s + u));
             }
             data[u] = f2bf(acc);
+        }
+    }
+}
+
+// The vocabulary-parallel output layer's gather, with the same calls and flags as the
+// all-reduce: rank q's `[rows, c]` block of logits becomes columns q*c.. of every rank's
+// `out` (`[rows, cols]`); columns past `cols` (the last rank's padding) are dropped. `vec`
+// needs c and cols multiples of 8, so that a group of 8 never straddles a row or `cols`.
+extern "C" __global__ void custom_all_gather(const bf16* local, int rows, int c, bf16* out,
+                                             int cols, int rank, int world,
+                                             const unsigned long long* table, int vec) {
+    int u0, u1;
+    const int which = ar_publish(local, rows * c, rank, world, table, vec, &u0, &u1);
+    const int unit = vec ? 8 : 1;
+    for (int q = 0; q < world; q++) {
+        const bf16* s = (const bf16*)table[q * 3 + which];
+        for (int u = u0 + threadIdx.x; u < u1; u += blockDim.x) {
+            const int i = u * unit, r = i / c, col = q * c + i % c;
+            if (col >= cols) continue;
+            bf16* dst = out + (size_t)r * cols + col;
+            if (vec) {
+                *(uint4*)dst = ld_cg_v4((const uint4*)(s + i));
+            } else {
+                *dst = ld_cg_u16(s + i);
+            }
+        }
+    }
+}
+
+// `g` holds `world` blocks of `[rows, c]`, one per rank (an NCCL all-gather's layout);
+// `out` (`[rows, cols]`) gets block q as columns q*c.., those past `cols` dropped. One
+// thread per output value, or per 8 when `vec` (c and cols multiples of 8).
+extern "C" __global__ void interleave_cols(const bf16* g, int rows, int c, int world,
+                                           bf16* out, int cols, int vec) {
+    const int unit = vec ? 8 : 1;
+    const long long units = (long long)rows * cols / unit;
+    for (long long u = blockIdx.x * (long long)blockDim.x + threadIdx.x; u < units;
+         u += (long long)gridDim.x * blockDim.x) {
+        const long long i = u * unit;
+        const int r = (int)(i / cols), col = (int)(i % cols);
+        const int q = col / c, j = col % c;
+        const bf16* src = g + ((size_t)q * rows + r) * c + j;
+        if (vec) {
+            ((uint4*)out)[u] = *(const uint4*)src;
+        } else {
+            out[i] = *src;
         }
     }
 }
