@@ -1,8 +1,10 @@
 //! Binds a [`Model`] and its KV cache on one backend to the core's [`Executor`] trait, and
 //! builds a ready engine from a model directory.
 
+use std::any::Any;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::Mutex;
 
 use super::ranks::RankPool;
 use super::{Checkpoint, Model, ModelConfig, ModelError, TpShard};
@@ -219,26 +221,48 @@ where
         let world = self.shards.len();
         let shards = ShardsPtr(self.shards.as_mut_ptr());
         let shards = &shards;
-        self.ranks.run(&move |rank| {
-            assert!(rank < world);
-            // SAFETY: `rank` is in bounds and each rank is run exactly once per step, so
-            // no two threads hold the same shard; `run` returns after every rank is done.
-            let shard = unsafe { &mut *shards.0.add(rank) };
-            match catch_unwind(AssertUnwindSafe(|| f(&mut *shard))) {
-                Ok(out) => out,
-                Err(panic) => {
-                    if world > 1 && !shard.backend().abort_group() {
-                        tracing::error!(
-                            rank,
-                            "a tensor-parallel rank failed and its group cannot release \
-                             the others from their all-reduce; aborting the process"
-                        );
-                        std::process::abort();
+        // The first rank to fail is the cause: its panic is kept here before the abort
+        // releases the others, whose panics follow from it.
+        let cause: Mutex<Option<Box<dyn Any + Send>>> = Mutex::new(None);
+        let step = catch_unwind(AssertUnwindSafe(|| {
+            self.ranks.run(&|rank| {
+                assert!(rank < world);
+                // SAFETY: `rank` is in bounds and each rank is run exactly once per step,
+                // so no two threads hold the same shard; `run` returns after every rank
+                // is done.
+                let shard = unsafe { &mut *shards.0.add(rank) };
+                match catch_unwind(AssertUnwindSafe(|| f(&mut *shard))) {
+                    Ok(out) => out,
+                    Err(panic) => {
+                        let panic = {
+                            let mut first = cause.lock().unwrap_or_else(|e| e.into_inner());
+                            if first.is_none() {
+                                *first = Some(panic);
+                                Box::new("see the first failed rank") as Box<dyn Any + Send>
+                            } else {
+                                panic
+                            }
+                        };
+                        if world > 1 && !shard.backend().abort_group() {
+                            tracing::error!(
+                                rank,
+                                "a tensor-parallel rank failed and its group cannot release \
+                                 the others from their all-reduce; aborting the process"
+                            );
+                            std::process::abort();
+                        }
+                        resume_unwind(panic)
                     }
-                    resume_unwind(panic)
                 }
+            })
+        }));
+        match step {
+            Ok(out) => out,
+            Err(panic) => {
+                let first = cause.into_inner().unwrap_or_else(|e| e.into_inner());
+                resume_unwind(first.unwrap_or(panic))
             }
-        })
+        }
     }
 }
 
