@@ -411,8 +411,8 @@ impl CudaBackend {
     }
 
     /// Ranks sharing a GPU share its context, and some driver calls (loading a kernel on
-    /// first use, cuBLAS's included; instantiating a graph) wait for the context's running
-    /// kernels. If one rank's kernel is already waiting for the others in a collective
+    /// first use, cuBLAS's included; perhaps uploading a graph) wait for the context's
+    /// running kernels. If one rank's kernel is already waiting for the others in a collective
     /// while another rank is in such a call, neither moves: the hang docs/gpu.md recorded
     /// for the 8b model. So on a shared GPU every rank finishes what it launches before a
     /// collective (or a graph holding collectives) before any of them launches it. Ranks
