@@ -8,9 +8,7 @@
 
 use std::any::Any;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// A task borrowed for one step, its lifetime erased: valid until the worker reports back.
@@ -20,10 +18,7 @@ struct Task(*const (dyn Fn(usize) + Sync));
 // stays valid until every worker has reported (see `RankPool::run`).
 unsafe impl Send for Task {}
 
-/// A rank's panic, numbered in the order the ranks panicked: when one rank's failure makes
-/// the others fail too (its group aborts their all-reduce), the first is the cause.
-type Panic = (u64, Box<dyn Any + Send>);
-type Outcome = Result<(), Panic>;
+type Outcome = Result<(), Box<dyn Any + Send>>;
 
 struct Worker {
     tasks: SyncSender<Task>,
@@ -34,28 +29,23 @@ struct Worker {
 /// One thread per rank `1..world`; rank 0 runs on the caller's thread.
 pub(crate) struct RankPool {
     workers: Vec<Worker>,
-    /// Numbers the ranks' panics (see [`Panic`]).
-    panics: Arc<AtomicU64>,
 }
 
 impl RankPool {
     /// Threads inherit the creating thread's CPU affinity (a pinned loader gives its compute
     /// CPUs to the ranks).
     pub(crate) fn new(world: usize) -> Self {
-        let panics = Arc::new(AtomicU64::new(0));
         let workers = (1..world.max(1))
             .map(|rank| {
                 let (tasks, task_rx) = sync_channel::<Task>(1);
                 let (done_tx, done) = sync_channel::<Outcome>(1);
-                let panics = Arc::clone(&panics);
                 let thread = std::thread::Builder::new()
                     .name(format!("tp-rank-{rank}"))
                     .spawn(move || {
                         for Task(task) in task_rx {
                             // SAFETY: `run` keeps the task alive until this send arrives.
                             let task = unsafe { &*task };
-                            let outcome = catch_unwind(AssertUnwindSafe(|| task(rank)))
-                                .map_err(|p| (panics.fetch_add(1, Ordering::SeqCst), p));
+                            let outcome = catch_unwind(AssertUnwindSafe(|| task(rank)));
                             if done_tx.send(outcome).is_err() {
                                 break;
                             }
@@ -69,12 +59,12 @@ impl RankPool {
                 }
             })
             .collect();
-        RankPool { workers, panics }
+        RankPool { workers }
     }
 
     /// Runs `task(rank)` for every rank at once, rank 0 on this thread, and returns rank
     /// 0's result once every rank has finished. A panic on any rank is raised here after
-    /// all of them have stopped; of several, the one raised first.
+    /// all of them have stopped.
     pub(crate) fn run<T>(&self, task: &(dyn Fn(usize) -> T + Sync)) -> T {
         let others = |rank: usize| drop(task(rank));
         let others: &(dyn Fn(usize) + Sync) = &others;
@@ -97,16 +87,9 @@ impl RankPool {
                 .expect("a tensor-parallel rank thread is gone");
             wait.started += 1;
         }
-        let first = match catch_unwind(AssertUnwindSafe(|| task(0))) {
-            Ok(out) => Some(out),
-            Err(p) => {
-                wait.panic = Some((self.panics.fetch_add(1, Ordering::SeqCst), p));
-                None
-            }
-        };
-        // Raises the first panic of any rank, after every rank has stopped.
+        let first = task(0);
         wait.finish();
-        first.expect("rank 0 panicked, so finish raised")
+        first
     }
 }
 
@@ -114,7 +97,7 @@ impl RankPool {
 struct Wait<'a> {
     workers: &'a [Worker],
     started: usize,
-    panic: Option<Panic>,
+    panic: Option<Box<dyn Any + Send>>,
 }
 
 impl Wait<'_> {
@@ -123,9 +106,7 @@ impl Wait<'_> {
             match w.done.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(p)) => {
-                    if self.panic.as_ref().is_none_or(|first| p.0 < first.0) {
-                        self.panic = Some(p);
-                    }
+                    self.panic.get_or_insert(p);
                 }
                 // The thread died without reporting; it no longer holds the task.
                 Err(_) => {}
@@ -136,7 +117,7 @@ impl Wait<'_> {
 
     fn finish(mut self) {
         self.collect();
-        if let Some((_, p)) = self.panic.take() {
+        if let Some(p) = self.panic.take() {
             resume_unwind(p);
         }
     }
